@@ -1,0 +1,67 @@
+"""Request audio → 16 kHz mono float32, decoded exactly as the reference does it.
+
+The reference writes the upload to a file and runs ``ffmpeg -f s16le -ac 1 -ar 16000`` on it, then scales
+int16 by 1/32768. The mini-omni engine's golden test depends on those exact samples, so we do the same; the
+only additions are a duration cap on the ffmpeg side (a tiny compressed upload can expand to hours) and a
+temp file that is always deleted (same ".wav" suffix, so ffmpeg probes it the same way).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import subprocess
+import tempfile
+
+import numpy as np
+
+from omni_server.engine import INPUT_SAMPLE_RATE
+
+FFMPEG_TIMEOUT_S = 30.0
+
+
+class UndecodableAudio(ValueError):
+    """The uploaded bytes are not audio ffmpeg can read (the client's fault: a 4xx)."""
+
+
+class DecoderMissing(RuntimeError):
+    """ffmpeg is not installed on the server (the server's fault: a 5xx)."""
+
+
+def decode_base64(text: str) -> bytes:
+    """Strict standard base64 (the reference silently skips stray characters; we refuse them)."""
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise UndecodableAudio("The audio field is not valid base64.") from error
+
+
+def decode_audio_file(data: bytes, *, max_seconds: float) -> np.ndarray:
+    """Decode any ffmpeg-readable audio file to float32 mono 16 kHz, reading at most `max_seconds` + 1 s.
+
+    The caller compares the length against its limit; decoding one second more than the limit is what
+    lets it tell "too long" from "exactly at the limit".
+    """
+    if not data:
+        raise UndecodableAudio("The audio file is empty.")
+    with tempfile.NamedTemporaryFile(suffix=".wav") as upload:
+        upload.write(data)
+        upload.flush()
+        command = [
+            "ffmpeg", "-nostdin", "-loglevel", "error", "-threads", "0",
+            "-i", upload.name,
+            "-t", f"{max_seconds + 1.0:.3f}",
+            "-f", "s16le", "-ac", "1", "-acodec", "pcm_s16le", "-ar", str(INPUT_SAMPLE_RATE), "-",
+        ]
+        try:
+            result = subprocess.run(command, capture_output=True, timeout=FFMPEG_TIMEOUT_S, check=False)
+        except FileNotFoundError as error:
+            raise DecoderMissing("ffmpeg is not installed on the server.") from error
+        except subprocess.TimeoutExpired as error:
+            raise UndecodableAudio("The audio file took too long to decode.") from error
+    if result.returncode != 0:
+        reason = result.stderr.decode("utf-8", "replace").replace(upload.name, "input").strip().splitlines()
+        detail = f" ({reason[-1]})" if reason else ""
+        raise UndecodableAudio(f"The audio could not be decoded{detail}.")
+    pcm = result.stdout[: len(result.stdout) // 2 * 2]
+    return np.frombuffer(pcm, dtype=np.int16).astype(np.float32) / 32768.0

@@ -1,0 +1,57 @@
+"""The echo engine: answers with the user's own speech, paced like mini-omni.
+
+It lets the whole app (streaming, queueing, history) run on machines without the model. The reply is the
+request audio resampled 16 → 24 kHz with soxr, cut into `stream_stride` SNAC frames per piece (8192 samples =
+341 ms at the default stride 4) and released one piece per piece-duration after a short "thinking" delay,
+which is how the model's stream arrives. Unlike the reference it also sends the last, partial piece.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import soxr
+
+from omni_server.engine import (
+    INPUT_SAMPLE_RATE,
+    OUTPUT_SAMPLE_RATE,
+    AudioPiece,
+    ChatRequest,
+    ProgressCallback,
+    ReplyPiece,
+    TextPiece,
+)
+
+SNAC_FRAME_SAMPLES = 2048
+
+
+class EchoEngine:
+    name = "echo"
+
+    def __init__(self, *, thinking_s: float = 0.3, realtime: bool = True) -> None:
+        self._thinking_s = thinking_s
+        self._realtime = realtime
+
+    def load(self, progress: ProgressCallback) -> None:
+        progress("echo engine needs no weights")
+
+    def check(self, request: ChatRequest) -> None:
+        """Every validated request can be echoed."""
+
+    def generate(self, request: ChatRequest) -> Iterator[ReplyPiece]:
+        reply = soxr.resample(request.audio, INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE)
+        pcm = (np.clip(reply, -1.0, 1.0) * 32767.0).round().astype("<i2")
+        piece_samples = request.stream_stride * SNAC_FRAME_SAMPLES
+        start = time.monotonic() + self._thinking_s
+        self._sleep_until(start)
+        if request.stream_text:
+            yield TextPiece(f"(echo) {request.audio.size / INPUT_SAMPLE_RATE:.1f} s of speech")
+        for index, offset in enumerate(range(0, pcm.size, piece_samples)):
+            self._sleep_until(start + index * piece_samples / OUTPUT_SAMPLE_RATE)
+            yield AudioPiece(pcm[offset : offset + piece_samples].tobytes())
+
+    def _sleep_until(self, deadline: float) -> None:
+        if self._realtime:
+            time.sleep(max(0.0, deadline - time.monotonic()))

@@ -1,0 +1,67 @@
+"""The engine's life in the server: load in a background thread, report progress, then serve.
+
+The HTTP server binds at once and answers /health from here while weights load; /chat asks `ready_engine`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from omni_server.engine import Engine, EngineStatus
+
+log = logging.getLogger(__name__)
+
+Loader = Callable[[Callable[[str, str], None]], tuple[Engine, str]]
+"""Loads an engine, calling `report(engine_name, detail)` on the way; returns it and a sentence about it."""
+
+
+@dataclass(frozen=True)
+class Health:
+    status: EngineStatus
+    engine: str
+    detail: str
+
+
+class EngineHost:
+    def __init__(self, loader: Loader, engine_name: str) -> None:
+        self._loader = loader
+        self._lock = threading.Lock()
+        self._health = Health(EngineStatus.LOADING, engine_name, "starting")
+        self._engine: Engine | None = None
+
+    def start_loading(self) -> threading.Thread:
+        thread = threading.Thread(target=self._load, name="engine-loader", daemon=True)
+        thread.start()
+        return thread
+
+    @property
+    def health(self) -> Health:
+        with self._lock:
+            return self._health
+
+    @property
+    def ready_engine(self) -> Engine | None:
+        with self._lock:
+            return self._engine
+
+    def _load(self) -> None:
+        try:
+            engine, note = self._loader(self._report_progress)
+        except Exception as error:  # any failure is shown in /health rather than killing the server
+            log.exception("engine failed to load")
+            self._set(Health(EngineStatus.ERROR, self.health.engine, f"failed to load: {error}"), None)
+            return
+        log.info("engine ready: %s", note)
+        self._set(Health(EngineStatus.READY, engine.name, note), engine)
+
+    def _report_progress(self, engine_name: str, detail: str) -> None:
+        log.info("%s: %s", engine_name, detail)
+        self._set(Health(EngineStatus.LOADING, engine_name, detail), None)
+
+    def _set(self, health: Health, engine: Engine | None) -> None:
+        with self._lock:
+            self._health = health
+            self._engine = engine

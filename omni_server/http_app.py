@@ -1,0 +1,295 @@
+"""The HTTP face of the server: POST /chat (the mini-omni protocol) and GET /health.
+
+Differences from the reference, all chosen so a client can tell what went wrong:
+- every problem found before generation (bad JSON, bad base64, undecodable or over-long audio, out-of-range
+  fields, an engine's own `check`) is a 4xx JSON `{"error": sentence}`; 503 while the engine is not ready;
+- HTTP/1.1 chunked: an engine failure after the first audio closes the connection without the terminating
+  chunk, so the body is visibly cut short instead of looking like a normal end;
+- `"stream_text": true` answers in the mini-omni2 multipart framing, with two extra JSON part kinds:
+  `{"queue_position": n}` while waiting for the turn (n requests ahead, repeated every second) and
+  `{"error": sentence}` right before a cut-short end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from omni_server.audio_decode import DecoderMissing
+from omni_server.chat_request import MAX_BODY_BYTES, BadRequest, decode_request, parse_fields
+from omni_server.engine import AudioPiece, ChatRequest, Engine, EngineStatus, RequestRejected, TextPiece
+from omni_server.engine_host import EngineHost
+from omni_server.turns import Ticket, TurnQueue
+
+log = logging.getLogger(__name__)
+
+RAW_AUDIO_TYPE = "audio/wav"  # what the reference sends, although its body is headerless PCM
+MULTIPART_TYPE = "multipart/x-mixed-replace; boundary=frame"
+PART_DELIMITER = b"\r\n--frame\r\n"
+QUEUE_UPDATE_S = 1.0
+POLL_S = 0.25
+SEND_TIMEOUT_S = 20.0  # a client that does not take a piece for this long is dropped
+DISCARD_BODY_LIMIT = 4 * MAX_BODY_BYTES  # read (and drop) an oversized body up to this, so the 413 arrives
+
+
+def create_app(host: EngineHost) -> FastAPI:
+    app = FastAPI(title="omni_server", summary="A mini-omni-compatible speech-to-speech server")
+    turns = TurnQueue()
+
+    @app.exception_handler(BadRequest)
+    async def bad_request(_request: Request, error: BadRequest) -> JSONResponse:
+        return JSONResponse({"error": error.message}, status_code=error.status)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        state = host.health
+        return {
+            "status": state.status.value,
+            "engine": state.engine,
+            "detail": state.detail,
+            "busy": turns.busy,
+            "waiting": turns.waiting,
+        }
+
+    @app.post("/chat", response_model=None)
+    async def chat(request: Request) -> Response:
+        fields = parse_fields(await _read_body(request))
+        engine = host.ready_engine
+        if engine is None:
+            return JSONResponse({"error": _not_ready_sentence(host)}, status_code=503)
+        try:
+            chat_request = await asyncio.to_thread(decode_request, fields)
+        except DecoderMissing as error:
+            return JSONResponse({"error": str(error)}, status_code=500)
+        try:
+            engine.check(chat_request)
+        except RequestRejected as error:
+            raise BadRequest(422, str(error)) from error
+        return ReplyStream(engine, chat_request, turns)
+
+    return app
+
+
+async def _read_body(request: Request) -> bytes:
+    received = bytearray()
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > DISCARD_BODY_LIMIT:
+            break
+        if size <= MAX_BODY_BYTES:
+            received += chunk
+    if size > MAX_BODY_BYTES:
+        raise BadRequest(413, f"The request is larger than {MAX_BODY_BYTES // (1024 * 1024)} MiB.")
+    return bytes(received)
+
+
+def _not_ready_sentence(host: EngineHost) -> str:
+    state = host.health
+    if state.status is EngineStatus.ERROR:
+        return f"The model server could not load its engine ({state.detail})."
+    return f"The model server is still starting ({state.detail}). Try again in a moment."
+
+
+class _ClientGone(Exception):
+    """The client disconnected or stopped reading; the response is abandoned."""
+
+
+class _Finished:
+    """The engine's iterator ended normally."""
+
+
+class _Failed:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class _Generation:
+    """Runs `engine.generate` on a worker thread, so a blocking engine never stalls the event loop.
+
+    `on_finished` runs on the loop once the engine has really stopped: only then may the next turn start.
+    """
+
+    def __init__(self, engine: Engine, request: ChatRequest, on_finished: Any) -> None:
+        self._engine = engine
+        self._request = request
+        self._loop = asyncio.get_running_loop()
+        self._items: asyncio.Queue[Any] = asyncio.Queue()
+        self._stop = threading.Event()
+        self._on_finished = on_finished
+        threading.Thread(target=self._run, name="generation", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def next_item(self, timeout: float) -> Any:
+        """The next piece, `_Finished` or `_Failed`; None if nothing came within `timeout`."""
+        try:
+            return await asyncio.wait_for(self._items.get(), timeout)
+        except TimeoutError:
+            return None
+
+    def _run(self) -> None:
+        pieces = None
+        try:
+            pieces = self._engine.generate(self._request)
+            for piece in pieces:
+                self._deliver(piece)
+                if self._stop.is_set():
+                    break
+            else:
+                self._deliver(_Finished())
+        except Exception as error:
+            log.exception("generation failed")
+            self._deliver(_Failed(error))
+        finally:
+            close = getattr(pieces, "close", None)
+            if close is not None:
+                close()
+            self._call_on_loop(self._on_finished)
+
+    def _deliver(self, item: Any) -> None:
+        self._call_on_loop(self._items.put_nowait, item)
+
+    def _call_on_loop(self, function: Any, *args: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(function, *args)
+        except RuntimeError:  # the loop is closed: the server is shutting down
+            pass
+
+
+class _Writer:
+    """ASGI sends with a deadline, and a record of whether the status line went out."""
+
+    def __init__(self, send: Any, gone: asyncio.Event) -> None:
+        self._send = send
+        self._gone = gone
+        self.started = False
+
+    async def start(self, status: int, content_type: str) -> None:
+        await self._deliver({"type": "http.response.start", "status": status,
+                             "headers": [(b"content-type", content_type.encode())]})
+        self.started = True
+
+    async def body(self, data: bytes) -> None:
+        await self._deliver({"type": "http.response.body", "body": data, "more_body": True})
+
+    async def part(self, content_type: str, data: bytes) -> None:
+        await self.body(PART_DELIMITER + f"Content-Type: {content_type}\r\n\r\n".encode() + data)
+
+    async def end(self) -> None:
+        await self._deliver({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def json_error(self, status: int, message: str) -> None:
+        await self._deliver({"type": "http.response.start", "status": status,
+                             "headers": [(b"content-type", b"application/json")]})
+        self.started = True
+        await self._deliver({"type": "http.response.body", "body": _json({"error": message}), "more_body": False})
+
+    async def _deliver(self, message: dict[str, Any]) -> None:
+        if self._gone.is_set():
+            raise _ClientGone
+        try:
+            await asyncio.wait_for(self._send(message), SEND_TIMEOUT_S)
+        except TimeoutError as error:
+            raise _ClientGone from error
+
+
+class ReplyStream(Response):
+    """The ASGI response of one accepted /chat request: wait for the turn, then relay the engine's pieces.
+
+    Its status and headers are decided while it runs (JSON 500 if the engine fails before any audio), so it
+    subclasses Response only to be passed through by FastAPI, and replaces its `__call__`.
+    """
+
+    def __init__(self, engine: Engine, request: ChatRequest, turns: TurnQueue) -> None:
+        super().__init__()
+        self._engine = engine
+        self._request = request
+        self._turns = turns
+        self._multipart = request.stream_text
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        gone = asyncio.Event()
+        watcher = asyncio.create_task(_watch_disconnect(receive, gone))
+        ticket = self._turns.join()
+        generation: _Generation | None = None
+        try:
+            writer = _Writer(send, gone)
+            if self._multipart:
+                await writer.start(200, MULTIPART_TYPE)
+            await self._wait_turn(ticket, writer, gone)
+            generation = _Generation(self._engine, self._request, lambda: self._turns.leave(ticket))
+            await self._relay(generation, writer, gone)
+        except _ClientGone:
+            log.info("client went away; dropping its request")
+        finally:
+            watcher.cancel()
+            if generation is None:
+                self._turns.leave(ticket)
+            else:
+                generation.stop()
+
+    async def _wait_turn(self, ticket: Ticket, writer: _Writer, gone: asyncio.Event) -> None:
+        while True:
+            if gone.is_set():
+                raise _ClientGone
+            ahead = self._turns.ahead_of(ticket)
+            if self._multipart:
+                await writer.part("application/json", _json({"queue_position": ahead}))
+            if ahead == 0:
+                return
+            await self._turns.wait_turn(ticket, QUEUE_UPDATE_S)
+
+    async def _relay(self, generation: _Generation, writer: _Writer, gone: asyncio.Event) -> None:
+        while True:
+            item = await generation.next_item(POLL_S)
+            if gone.is_set():
+                raise _ClientGone
+            if item is None:
+                continue
+            if isinstance(item, AudioPiece):
+                if not writer.started:
+                    await writer.start(200, RAW_AUDIO_TYPE)
+                await (writer.part(RAW_AUDIO_TYPE, item.pcm) if self._multipart else writer.body(item.pcm))
+            elif isinstance(item, TextPiece):
+                if self._multipart:
+                    await writer.part("text/plain", item.text.encode())
+            elif isinstance(item, _Finished):
+                if writer.started:
+                    await writer.end()
+                else:
+                    await writer.json_error(500, "The model finished without producing any audio.")
+                return
+            elif isinstance(item, _Failed):
+                await self._fail(writer, item.error)
+                return
+
+    async def _fail(self, writer: _Writer, error: BaseException) -> None:
+        message = f"The model failed while answering ({type(error).__name__}: {error})."
+        if not writer.started:
+            await writer.json_error(500, message)
+            return
+        if self._multipart:
+            await writer.part("application/json", _json({"error": message}))
+        # Returning without the final body message makes uvicorn close the connection with no
+        # terminating chunk: the client sees a truncated body, not a normal end.
+        log.warning("cutting the reply short: %s", message)
+
+
+async def _watch_disconnect(receive: Any, gone: asyncio.Event) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            gone.set()
+            return
+
+
+def _json(value: dict[str, Any]) -> bytes:
+    return json.dumps(value).encode()
