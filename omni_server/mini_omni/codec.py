@@ -1,0 +1,304 @@
+"""mini-omni's audio side: the 7 delayed token streams → SNAC frames → 24 kHz PCM pieces (SPEC §10.5–§12).
+
+The model emits one local id per audio layer per step; layer L runs L + 1 steps late, so SNAC frame g takes
+layer L's id from step g + 1 + L. Frames are decoded with the `snac` package in windows of `stream_stride`
+frames, at the iterations where the reference yields. Two streamers share that schedule:
+
+- `ReferenceStreamer` reproduces the reference: each window decoded on its own, PCM truncated toward zero
+  without clipping, the incomplete tail window dropped.
+- `SeamlessStreamer` (what users get) decodes each window with enough frames of left context, holds back
+  the samples that still depend on frames not generated yet, rounds and clips, and sends the tail: the
+  concatenated pieces equal one whole-utterance decode (to float rounding).
+
+SNAC's NoiseBlocks are re-wired so the noise comes from a `Noise` policy: the package's global RNG (the
+reference), zero, given vectors (to replay a recorded run), or a per-request seeded field indexed by frame
+(so a window re-decoded with context sees the same noise as before).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from omni_server.mini_omni.config import AUDIO_CODES, AUDIO_LAYERS
+
+SNAC_HUB_REPO = "hubertsiuzdak/snac_24khz"
+FRAME_SAMPLES = 2048  # one SNAC frame: 4 latent steps × hop 512 at 24 kHz (85.33 ms)
+
+# How far (in output samples) one frame's codes reach into the decoded audio on each side: SNAC's decoder
+# convolutions make a sample depend on the codes within about 2.5 frames. Measured on the recipe SNAC
+# (golden case A): cutting 2.5 frames from a window edge leaves 0.026 LSB of error (float rounding), 2.25
+# frames 0.5 LSB, 2 frames 124-136 LSB. The reach is a property of the architecture, not of the weights.
+SEAM_CONTEXT_SAMPLES = 5 * FRAME_SAMPLES // 2
+
+Frame = tuple[int, ...]  # the 7 local ids of one SNAC frame, layers 0..6
+
+
+class FrameAssembler:
+    """Collects the per-step audio ids and regroups them into SNAC frames (the delay pattern of §10.5)."""
+
+    def __init__(self) -> None:
+        self._layers: list[list[int]] = [[] for _ in range(AUDIO_LAYERS)]
+
+    def push(self, audio: Sequence[int]) -> None:
+        """Append one step's 7 local ids (step 0 is the prefill; its ids never reach a frame)."""
+        if len(audio) != AUDIO_LAYERS:
+            raise ValueError(f"expected {AUDIO_LAYERS} audio ids per step, got {len(audio)}")
+        for layer, token in zip(self._layers, audio):
+            layer.append(int(token))
+
+    def __len__(self) -> int:
+        """Complete frames: frame g needs layer 6's id from step g + 7."""
+        return max(0, len(self._layers[0]) - AUDIO_LAYERS)
+
+    def frame(self, index: int) -> Frame:
+        if not 0 <= index < len(self):
+            raise IndexError(f"frame {index} is not complete ({len(self)} are)")
+        return tuple(self._layers[layer][index + 1 + layer] for layer in range(AUDIO_LAYERS))
+
+    def frames(self, start: int, stop: int) -> list[Frame]:
+        return [self.frame(g) for g in range(start, stop)]
+
+
+def is_codable(frame: Frame) -> bool:
+    """False if the frame holds a special id (eoa, pad, ...), which SNAC's codebooks cannot look up."""
+    return all(0 <= token < AUDIO_CODES for token in frame)
+
+
+def frame_codes(frames: Sequence[Frame]) -> list[list[int]]:
+    """SNAC's three codebooks for consecutive frames: [L0], [L1, L4], [L2, L3, L5, L6] per frame."""
+    coarse = [f[0] for f in frames]
+    medium = [token for f in frames for token in (f[1], f[4])]
+    fine = [token for f in frames for token in (f[2], f[3], f[5], f[6])]
+    return [coarse, medium, fine]
+
+
+def pcm_reference(audio: np.ndarray) -> bytes:
+    """The reference's conversion: ×32768 in float64, truncated toward zero, no clipping (+1.0 wraps)."""
+    scaled = np.trunc(audio.astype(np.float64) * 32768.0).astype(np.int64)
+    wrapped = (scaled + 32768) % 65536 - 32768
+    return wrapped.astype("<i2").tobytes()
+
+
+def pcm_rounded(audio: np.ndarray) -> bytes:
+    """×32768, rounded to nearest and clipped to the int16 range."""
+    scaled = np.rint(audio.astype(np.float64) * 32768.0)
+    return np.clip(scaled, -32768, 32767).astype("<i2").tobytes()
+
+
+class Noise(Protocol):
+    """Where a SNAC NoiseBlock's noise comes from, for a decode of `frames` frames starting at `first_frame`.
+
+    Returns a [length] tensor, or None to skip the block's noise term (noise zero)."""
+
+    def __call__(self, block: int, first_frame: int, frames: int, length: int) -> torch.Tensor | None: ...
+
+
+class ZeroNoise:
+    """No noise: deterministic audio (the golden files' mode)."""
+
+    def __call__(self, block: int, first_frame: int, frames: int, length: int) -> torch.Tensor | None:
+        return None
+
+
+class GlobalRngNoise:
+    """What the package does: fresh `torch.randn` from the global RNG at every block of every decode."""
+
+    def __call__(self, block: int, first_frame: int, frames: int, length: int) -> torch.Tensor | None:
+        return torch.randn(length)
+
+
+class GivenNoise:
+    """Replays recorded noise: `vectors[call][block]`, one list of 4 vectors per decode call, in order."""
+
+    def __init__(self, vectors: Sequence[Sequence[np.ndarray]]) -> None:
+        self._vectors = list(vectors)
+        self._call = -1
+
+    def __call__(self, block: int, first_frame: int, frames: int, length: int) -> torch.Tensor | None:
+        if block == 0:
+            self._call += 1
+        vector = torch.as_tensor(np.asarray(self._vectors[self._call][block], dtype=np.float32))
+        if vector.numel() != length:
+            raise ValueError(f"recorded noise for call {self._call} block {block} has {vector.numel()} values, need {length}")
+        return vector
+
+
+class SeededNoise:
+    """A reproducible noise field: each (frame, block) slice drawn from its own generator seeded from `seed`.
+
+    The noise at a position depends only on the seed and the frame, so decoding a frame again (as left
+    context of the next window) gives it exactly the noise it had before, and a window-by-window decode
+    equals a whole-utterance decode. The global RNG is never touched."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def __call__(self, block: int, first_frame: int, frames: int, length: int) -> torch.Tensor | None:
+        per_frame, remainder = divmod(length, frames)
+        if remainder:
+            raise ValueError(f"noise length {length} is not a multiple of {frames} frames")
+        return torch.cat([self._slice(first_frame + g, block, per_frame) for g in range(frames)])
+
+    def _slice(self, frame: int, block: int, length: int) -> torch.Tensor:
+        generator = torch.Generator("cpu").manual_seed(derive_seed(f"{self.seed}:{frame}:{block}"))
+        return torch.randn(length, generator=generator)
+
+
+def derive_seed(text: str) -> int:
+    """A 63-bit seed from a string (stable across processes, unlike `hash`)."""
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little") & (2**63 - 1)
+
+
+class _PolicyNoiseBlock(nn.Module):
+    """Stands in for snac's NoiseBlock (x + n ⊙ W x) with n taken from the codec's current `Noise`."""
+
+    def __init__(self, linear: nn.Module, block: int, codec: SnacCodec) -> None:
+        super().__init__()
+        self.linear = linear
+        self.block = block
+        self._codec = [codec]  # a list, so the codec is not registered as a submodule (no cycle)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        codec = self._codec[0]
+        noise = codec.noise(self.block, codec.first_frame, codec.frames, x.shape[-1])
+        if noise is None:
+            return x
+        noise = noise.to(device=x.device, dtype=x.dtype).reshape(1, 1, -1)
+        return x + noise * self.linear(x)
+
+
+class SnacCodec:
+    """The SNAC 24 kHz decoder (encoder dropped), with weight norm folded in and controllable noise."""
+
+    def __init__(self, model: nn.Module, device: str | torch.device = "cpu") -> None:
+        model.encoder = None  # only decoding is needed: frees the encoder's weights
+        for module in model.modules():
+            if parametrize.is_parametrized(module, "weight"):
+                # W = g·V/‖V‖ computed once instead of on every call; the same values as the package's.
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        self._replace_noise_blocks(model)
+        self.model = model.to(device).eval()
+        self.device = torch.device(device)
+        self.noise: Noise = ZeroNoise()
+        self.first_frame = 0
+        self.frames = 0
+
+    @classmethod
+    def load(cls, source: str | Path = SNAC_HUB_REPO, device: str | torch.device = "cpu") -> SnacCodec:
+        """From a local folder (config.json + pytorch_model.bin) or a Hub repo id."""
+        from snac import SNAC
+
+        return cls(SNAC.from_pretrained(str(source)), device)
+
+    def _replace_noise_blocks(self, model: nn.Module) -> None:
+        from snac.layers import NoiseBlock
+
+        count = 0
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, NoiseBlock):
+                    setattr(parent, name, _PolicyNoiseBlock(child.linear, count, self))
+                    count += 1
+
+    def decode(self, frames: Sequence[Frame], first_frame: int, noise: Noise) -> np.ndarray:
+        """Float audio (2048 samples per frame, in [-1, 1]) of `frames`, which start at frame `first_frame`."""
+        if not frames:
+            return np.zeros(0, dtype=np.float32)
+        codes = [torch.tensor([c], dtype=torch.long, device=self.device) for c in frame_codes(frames)]
+        self.noise, self.first_frame, self.frames = noise, first_frame, len(frames)
+        try:
+            with torch.inference_mode():
+                audio = self.model.decode(codes)
+        finally:
+            self.noise = ZeroNoise()
+        return audio.reshape(-1).float().cpu().numpy()
+
+
+class AudioStreamer(Protocol):
+    """Turns steps' audio ids into PCM pieces on the reference's schedule."""
+
+    stopped: bool  # a special id reached a frame: nothing after it can be decoded
+
+    def push(self, audio: Sequence[int]) -> Iterator[bytes]: ...
+
+    def finish(self) -> Iterator[bytes]: ...
+
+
+class ReferenceStreamer:
+    """The reference exactly: whenever the complete frames reach a multiple of `stride`, the last `stride`
+    frames are decoded on their own and sent truncated; leftover tail frames are dropped.
+
+    Where the reference would crash on a special id inside a window (SNAC IndexError), this stops instead:
+    the bytes sent are the same as the reference's, and `stopped` tells the caller to end generation."""
+
+    def __init__(self, codec: SnacCodec, stride: int, noise: Noise) -> None:
+        self._codec, self._stride, self._noise = codec, stride, noise
+        self._frames = FrameAssembler()
+        self._sent = 0
+        self.stopped = False
+
+    def push(self, audio: Sequence[int]) -> Iterator[bytes]:
+        self._frames.push(audio)
+        complete = len(self._frames)
+        if self.stopped or complete == self._sent or complete % self._stride:
+            return
+        window = self._frames.frames(complete - self._stride, complete)
+        if not all(is_codable(f) for f in window):
+            self.stopped = True
+            return
+        self._sent = complete
+        yield pcm_reference(self._codec.decode(window, complete - self._stride, self._noise))
+
+    def finish(self) -> Iterator[bytes]:
+        return iter(())
+
+
+class SeamlessStreamer:
+    """Same schedule, fixed defects: each window is decoded with `SEAM_CONTEXT_SAMPLES` of left context,
+    and the last `SEAM_CONTEXT_SAMPLES` (which still depend on frames not generated yet) are held back
+    until the next window or the end; the tail is sent; samples are rounded and clipped.
+
+    A frame holding a special id ends the audio cleanly: everything before it is sent, `stopped` is set."""
+
+    def __init__(self, codec: SnacCodec, stride: int, noise: Noise) -> None:
+        self._codec, self._stride, self._noise = codec, stride, noise
+        self._frames = FrameAssembler()
+        self._usable = 0  # leading frames without special ids
+        self._sent_samples = 0
+        self.stopped = False
+
+    def push(self, audio: Sequence[int]) -> Iterator[bytes]:
+        self._frames.push(audio)
+        complete = len(self._frames)
+        if self.stopped or complete == self._usable:
+            return
+        if not is_codable(self._frames.frame(complete - 1)):
+            self.stopped = True
+            yield from self._send_until(self._usable * FRAME_SAMPLES)
+            return
+        self._usable = complete
+        if complete % self._stride == 0:
+            yield from self._send_until(complete * FRAME_SAMPLES - SEAM_CONTEXT_SAMPLES)
+
+    def finish(self) -> Iterator[bytes]:
+        if not self.stopped:
+            yield from self._send_until(self._usable * FRAME_SAMPLES)
+
+    def _send_until(self, end: int) -> Iterator[bytes]:
+        start = self._sent_samples
+        if end <= start:
+            return
+        first = max(0, (start - SEAM_CONTEXT_SAMPLES) // FRAME_SAMPLES)
+        audio = self._codec.decode(self._frames.frames(first, self._usable), first, self._noise)
+        offset = first * FRAME_SAMPLES
+        self._sent_samples = end
+        yield pcm_rounded(audio[start - offset : end - offset])
+
