@@ -50,6 +50,8 @@ class VadOptions:
     """How the detector turns speech probabilities into a turn. Times are in seconds of audio.
 
     start_secs: speech must last this long before a turn starts, so clicks and coughs do not start one.
+    start_gap_secs: while that speech is being counted, a dip this short (an unvoiced consonant) does not
+        restart the count, so the turn starts at the first syllable, not after it.
     pause_secs: silence after speech that ends the turn; longer tolerates hesitations, shorter answers sooner.
     pre_roll_secs: audio kept from before the detected start, so the first syllable is never lost.
     tail_secs: audio kept after the end of speech, so the last syllable's decay is not clipped.
@@ -62,6 +64,7 @@ class VadOptions:
     """
 
     start_secs: float = 0.25
+    start_gap_secs: float = 0.2
     pause_secs: float = 0.8
     pre_roll_secs: float = 0.3
     tail_secs: float = 0.2
@@ -73,7 +76,7 @@ class VadOptions:
         for name in ("start_secs", "pause_secs", "max_utterance_secs"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-        for name in ("pre_roll_secs", "tail_secs"):
+        for name in ("start_gap_secs", "pre_roll_secs", "tail_secs"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be zero or more, got {getattr(self, name)!r}")
         if self.tail_secs > self.pause_secs:
@@ -270,11 +273,14 @@ class _TurnTracker:
     def __init__(self, options: VadOptions) -> None:
         self._options = options
         self._start_windows = _windows(options.start_secs)
+        self._start_gap_windows = _windows(options.start_gap_secs)
         self._pause_windows = _windows(options.pause_secs)
         self._pre_roll = round(options.pre_roll_secs * VAD_SAMPLE_RATE)
         self._max_samples = round(options.max_utterance_secs * VAD_SAMPLE_RATE)
         self.state = DetectorState.WAITING
         self._run_start: int | None = None  # first window of a run of speech that may become the start
+        self._run_voiced = 0  # speech windows counted in that run
+        self._run_last_voiced = 0  # the run's latest speech window
         self.speech_start = 0  # first speech window of the turn
         self.speech_end = 0  # window after the last speech window
         self.reason: TurnEndReason | None = None
@@ -290,12 +296,16 @@ class _TurnTracker:
         options = self._options
         if self.state is DetectorState.WAITING:
             if self._run_start is None and probability >= options.threshold:
-                self._run_start = index
-            elif self._run_start is not None and probability < options.off_threshold:
-                self._run_start = None
-            if self._run_start is not None and index + 1 - self._run_start >= self._start_windows:
-                self.state = DetectorState.SPEAKING
-                self.speech_start, self.speech_end = self._run_start, index + 1
+                self._run_start, self._run_voiced = index, 0
+            if self._run_start is not None:
+                if probability >= options.off_threshold:
+                    self._run_voiced += 1
+                    self._run_last_voiced = index
+                    if self._run_voiced >= self._start_windows:
+                        self.state = DetectorState.SPEAKING
+                        self.speech_start, self.speech_end = self._run_start, index + 1
+                elif index - self._run_last_voiced > self._start_gap_windows:
+                    self._run_start = None
         elif self.state is DetectorState.SPEAKING:
             if probability >= options.off_threshold:
                 self.speech_end = index + 1
@@ -402,3 +412,42 @@ def _checked_rate(sample_rate: int) -> int:
             f"The microphone sent audio at {sample_rate} Hz; rates from {_MIN_RATE} to {_MAX_RATE} Hz are supported."
         )
     return int(sample_rate)
+
+
+@dataclass(frozen=True)
+class RecordedTurn:
+    """A turn found in a recording fed chunk by chunk; times are seconds into the recording."""
+
+    utterance: Utterance
+    offset_s: float  # where the detector was reset (the recording time of its clock's zero)
+    turn_end_s: float  # end of the chunk on which the turn was declared over
+
+    @property
+    def speech_start_s(self) -> float:
+        """Where the handed-on utterance starts (pre-roll included)."""
+        return self.offset_s + self.utterance.start_s
+
+    @property
+    def speech_end_s(self) -> float:
+        return self.offset_s + self.utterance.speech_end_s
+
+
+def turns_in_recording(
+    sample_rate: int, samples: np.ndarray, chunk_secs: float, detector: PauseDetector
+) -> list[RecordedTurn]:
+    """Feed a whole recording in chunks of `chunk_secs`, resetting after each turn as the app does.
+
+    For tests, benchmarks and tuning the options on one's own recordings.
+    """
+    chunk = max(1, round(chunk_secs * sample_rate))
+    detector.reset()
+    turns: list[RecordedTurn] = []
+    offset = 0
+    for begin in range(0, len(samples), chunk):
+        end = min(begin + chunk, len(samples))
+        utterance = detector.feed(sample_rate, samples[begin:end])
+        if utterance is not None:
+            turns.append(RecordedTurn(utterance, offset / sample_rate, end / sample_rate))
+            detector.reset()
+            offset = end
+    return turns

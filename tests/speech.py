@@ -33,6 +33,15 @@ def speak(text: str, *, voice: str = "en-us", words_per_minute: int = 160, rate:
     return np.frombuffer(pcm, dtype=np.int16).astype(np.float32) / 32768.0
 
 
+def trim(samples: np.ndarray, floor: float = 1e-3) -> np.ndarray:
+    """Drop leading and trailing silence (espeak ends each phrase with about 0.35 s of it), so a gap put
+    between phrases is the real pause."""
+    audible = np.nonzero(np.abs(samples) > floor)[0]
+    if len(audible) == 0:
+        return samples[:0]
+    return samples[audible[0] : audible[-1] + 1]
+
+
 def silence(seconds: float, rate: int = RATE) -> np.ndarray:
     return np.zeros(round(seconds * rate), dtype=np.float32)
 
