@@ -1,0 +1,129 @@
+"""Finding (and where needed downloading) the files mini-omni runs on (SPEC §1).
+
+A checkpoint directory holds `lit_model.pth`, `model_config.yaml` and `tokenizer.json`. The whisper-small
+encoder comes from the directory's `small.pt` when present, else from openai-whisper's own download (cached
+in ~/.cache/whisper, checked against the sha256 in its URL). SNAC comes from the directory's `snac_24khz/`
+when present, else from the Hub. With no directory at all, `gpt-omni/mini-omni` is downloaded from the Hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from omni_server.mini_omni.codec import SNAC_HUB_REPO
+from omni_server.mini_omni.recipe import CONFIG_FILE, GPT_FILE, SNAC_DIR, WHISPER_FILE
+
+MINI_OMNI_HUB_REPO = "gpt-omni/mini-omni"
+TOKENIZER_FILE = "tokenizer.json"
+SNAC_FILES = ("config.json", "pytorch_model.bin")
+
+# openai-whisper's multilingual "small" checkpoint; the path segment before the file name is its sha256.
+WHISPER_SMALL_URL = (
+    "https://openaipublic.azureedge.net/main/whisper/models/"
+    "9ecf779972d90ba49c06d968637d720dd632c55bbf19d441fb42bf17a411e794/small.pt"
+)
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class CheckpointFiles:
+    gpt: Path
+    config: Path
+    tokenizer: Path
+    whisper: Path
+    snac: Path  # a folder with config.json and pytorch_model.bin
+
+
+class CheckpointError(FileNotFoundError):
+    """The checkpoint directory lacks a file the model needs."""
+
+
+def locate(checkpoint_dir: Path | None, progress: Progress) -> CheckpointFiles:
+    """All model files, downloading what is neither in `checkpoint_dir` nor cached (reporting "downloading")."""
+    if checkpoint_dir is None:
+        progress("downloading")
+        checkpoint_dir = download_mini_omni()
+    directory = Path(checkpoint_dir)
+    missing = [name for name in (GPT_FILE, CONFIG_FILE, TOKENIZER_FILE) if not (directory / name).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint directory {directory} lacks {', '.join(missing)}")
+    return CheckpointFiles(
+        gpt=directory / GPT_FILE,
+        config=directory / CONFIG_FILE,
+        tokenizer=directory / TOKENIZER_FILE,
+        whisper=_whisper_file(directory, progress),
+        snac=_snac_folder(directory, progress),
+    )
+
+
+def _whisper_file(directory: Path, progress: Progress) -> Path:
+    local = directory / WHISPER_FILE
+    if local.is_file():
+        return local
+    cached = whisper_cache_dir() / Path(WHISPER_SMALL_URL).name
+    if cached.is_file() and _sha256(cached) == _expected_sha256(WHISPER_SMALL_URL):
+        return cached
+    progress("downloading")
+    return download_verified(WHISPER_SMALL_URL, cached)
+
+
+def _snac_folder(directory: Path, progress: Progress) -> Path:
+    local = directory / SNAC_DIR
+    if all((local / name).is_file() for name in SNAC_FILES):
+        return local
+    progress("downloading")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(SNAC_HUB_REPO, allow_patterns=list(SNAC_FILES)))
+
+
+def download_mini_omni() -> Path:
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(MINI_OMNI_HUB_REPO))
+
+
+def whisper_cache_dir() -> Path:
+    """Where openai-whisper keeps its models, so a copy it already downloaded is reused."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "whisper"
+
+
+def download_verified(url: str, target: Path) -> Path:
+    """Download `url` to `target` via a temporary file, keeping it only if its sha256 matches the URL's."""
+    expected = _expected_sha256(url)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    with tempfile.NamedTemporaryFile(dir=target.parent, delete=False, suffix=".part") as part:
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response:
+                while chunk := response.read(1 << 20):
+                    digest.update(chunk)
+                    part.write(chunk)
+        except BaseException:
+            os.unlink(part.name)
+            raise
+    if digest.hexdigest() != expected:
+        os.unlink(part.name)
+        raise OSError(f"download of {url} has sha256 {digest.hexdigest()}, expected {expected}")
+    os.replace(part.name, target)
+    return target
+
+
+def _expected_sha256(url: str) -> str:
+    return url.rsplit("/", 2)[-2]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
