@@ -24,8 +24,8 @@ class UndecodableAudio(ValueError):
     """The uploaded bytes are not audio ffmpeg can read (the client's fault: a 4xx)."""
 
 
-class DecoderMissing(RuntimeError):
-    """ffmpeg is not installed on the server (the server's fault: a 5xx)."""
+class DecoderUnavailable(RuntimeError):
+    """ffmpeg cannot be run on the server (the server's fault: a 5xx)."""
 
 
 def decode_base64(text: str) -> bytes:
@@ -56,7 +56,9 @@ def decode_audio_file(data: bytes, *, max_seconds: float) -> np.ndarray:
         try:
             result = subprocess.run(command, capture_output=True, timeout=FFMPEG_TIMEOUT_S, check=False)
         except FileNotFoundError as error:
-            raise DecoderMissing("ffmpeg is not installed on the server.") from error
+            raise DecoderUnavailable("ffmpeg is not installed on the server.") from error
+        except OSError as error:
+            raise DecoderUnavailable(f"ffmpeg could not be started on the server ({error.strerror}).") from error
         except subprocess.TimeoutExpired as error:
             raise UndecodableAudio("The audio file took too long to decode.") from error
     if result.returncode != 0:

@@ -21,7 +21,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from omni_server.audio_decode import DecoderMissing
+from omni_server.audio_decode import DecoderUnavailable
 from omni_server.chat_request import MAX_BODY_BYTES, BadRequest, decode_request, parse_fields
 from omni_server.engine import AudioPiece, ChatRequest, Engine, EngineStatus, RequestRejected, TextPiece
 from omni_server.engine_host import EngineHost
@@ -65,7 +65,7 @@ def create_app(host: EngineHost) -> FastAPI:
             return JSONResponse({"error": _not_ready_sentence(host)}, status_code=503)
         try:
             chat_request = await asyncio.to_thread(decode_request, fields)
-        except DecoderMissing as error:
+        except DecoderUnavailable as error:
             return JSONResponse({"error": str(error)}, status_code=500)
         try:
             engine.check(chat_request)

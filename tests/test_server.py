@@ -1,0 +1,343 @@
+"""POST /chat and GET /health over real HTTP (uvicorn on 127.0.0.1), with the echo engine and small fakes."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import requests
+import soxr
+
+from omni_server.echo import EchoEngine
+from omni_server.engine import AudioPiece, ChatRequest, EngineStatus, ProgressCallback, RequestRejected, TextPiece
+from omni_server.engine_host import EngineHost
+from omni_server.http_app import create_app
+from tests.servers import serving_app, serving_engine, wait_for
+from tests.speech import silence, to_int16, wav_bytes
+
+TIMEOUT = (2, 10)
+PIECE = b"\x01\x00" * 2048  # 85 ms of PCM
+
+
+def chat_body(samples: np.ndarray | None = None, **fields: object) -> dict:
+    audio = wav_bytes(samples if samples is not None else tone(0.5))
+    return {"audio": base64.b64encode(audio).decode(), **fields}
+
+
+def tone(seconds: float, rate: int = 16_000) -> np.ndarray:
+    t = np.arange(round(seconds * rate)) / rate
+    return (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+
+
+class ScriptedEngine:
+    """Yields `pieces` audio pieces `delay` apart, then optionally raises; records each request's max_tokens."""
+
+    name = "scripted"
+
+    def __init__(self, pieces: int = 2, delay: float = 0.0, fail_after: int | None = None, text: str = "",
+                 gate: threading.Event | None = None, piece: bytes = PIECE) -> None:
+        self.pieces, self.delay, self.fail_after, self.text, self.gate = pieces, delay, fail_after, text, gate
+        self.piece = piece
+        self.served: list[int] = []
+        self.stopped_early = threading.Event()
+
+    def load(self, progress: ProgressCallback) -> None:
+        pass
+
+    def check(self, request: ChatRequest) -> None:
+        if request.max_tokens == 13:
+            raise RequestRejected("Thirteen tokens is unlucky.")
+
+    def generate(self, request: ChatRequest) -> Iterator[AudioPiece | TextPiece]:
+        self.served.append(request.max_tokens)
+        if self.gate is not None:
+            self.gate.wait(timeout=10)
+        if self.text:
+            yield TextPiece(self.text)
+        completed = False
+        try:
+            for index in range(self.pieces):
+                if self.fail_after is not None and index == self.fail_after:
+                    raise RuntimeError("the decoder met a special token")
+                time.sleep(self.delay)
+                yield AudioPiece(self.piece)
+            completed = True
+        finally:
+            if not completed:
+                self.stopped_early.set()
+
+
+@pytest.fixture()
+def echo_url() -> Iterator[str]:
+    with serving_engine(EchoEngine(thinking_s=0.1)) as url:
+        yield url
+
+
+# --- 4xx before any audio -------------------------------------------------------------------------
+
+BAD_REQUESTS = [
+    (b"{not json", 400, "not valid JSON"),
+    (b"[1, 2]", 400, "JSON object"),
+    (json.dumps({"stream_stride": 4}).encode(), 400, 'no "audio"'),
+    (json.dumps({"audio": 12}).encode(), 400, "base64 string"),
+    (json.dumps({"audio": "UklGRg==!!"}).encode(), 400, "not valid base64"),
+    (json.dumps({"audio": "UklGR"}).encode(), 400, "not valid base64"),
+    (json.dumps({"audio": base64.b64encode(b"this is not audio at all").decode()}).encode(), 422, "could not be decoded"),
+    (json.dumps(chat_body(stream_stride="4")).encode(), 400, "whole number"),
+    (json.dumps(chat_body(stream_stride=4.0)).encode(), 400, "whole number"),
+    (json.dumps(chat_body(stream_stride=True)).encode(), 400, "whole number"),
+    (json.dumps(chat_body(stream_stride=0)).encode(), 422, "between 1 and 64"),
+    (json.dumps(chat_body(max_tokens=5000)).encode(), 422, "between 1 and 2048"),
+    (json.dumps(chat_body(max_tokens="2048")).encode(), 400, "whole number"),
+    (json.dumps(chat_body(stream_text="yes")).encode(), 400, "true or false"),
+    (json.dumps(chat_body(silence(30.5))).encode(), 413, "longer than 30 seconds"),
+    (json.dumps(chat_body(silence(0))).encode(), 422, "no sound samples"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "words"), BAD_REQUESTS, ids=[words for _, _, words in BAD_REQUESTS])
+def test_bad_requests_get_a_json_error_before_any_audio(echo_url: str, body: bytes, status: int, words: str) -> None:
+    response = requests.post(f"{echo_url}/chat", data=body, timeout=TIMEOUT)
+    assert response.status_code == status
+    assert response.headers["content-type"] == "application/json"
+    assert words in response.json()["error"]
+
+
+def test_thirty_seconds_exactly_is_accepted(echo_url: str) -> None:
+    response = requests.post(f"{echo_url}/chat", json=chat_body(silence(30.0), stream_stride=64), stream=True, timeout=TIMEOUT)
+    assert response.status_code == 200
+    response.close()
+
+
+def test_oversized_body_is_413() -> None:
+    with serving_engine(EchoEngine()) as url:
+        response = requests.post(f"{url}/chat", data=b"x" * (16 * 1024 * 1024 + 1), timeout=(2, 20))
+    assert response.status_code == 413
+    assert "larger than 16 MiB" in response.json()["error"]
+
+
+def test_engine_check_rejection_is_422() -> None:
+    with serving_engine(ScriptedEngine()) as url:
+        response = requests.post(f"{url}/chat", json=chat_body(max_tokens=13), timeout=TIMEOUT)
+    assert response.status_code == 422
+    assert response.json() == {"error": "Thirteen tokens is unlucky."}
+
+
+# --- the echo engine over HTTP ---------------------------------------------------------------------
+
+def test_echo_streams_raw_pcm_paced_like_the_model(echo_url: str) -> None:
+    speech = tone(1.2)
+    started = time.monotonic()
+    response = requests.post(f"{echo_url}/chat", json=chat_body(speech), stream=True, timeout=TIMEOUT)
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "audio/wav"
+    arrivals, body = [], b""
+    for chunk in response.iter_content(16384):
+        arrivals.append(time.monotonic() - started)
+        body += chunk
+    as_decoded = to_int16(speech).astype(np.float32) / 32768  # the WAV's samples, as the server's ffmpeg step reads them
+    expected = (np.clip(soxr.resample(as_decoded, 16_000, 24_000), -1, 1) * 32767).round().astype("<i2").tobytes()
+    assert body == expected  # every sample, including the last partial piece
+    assert len(body) == 2 * round(1.2 * 24_000)
+    # 1.2 s of reply = 4 pieces of 341 ms: the last arrives about 3 piece-durations after the first.
+    assert arrivals[-1] - arrivals[0] > 0.8
+
+
+def test_echo_multipart_has_text_and_audio_parts_in_mini_omni2_framing(echo_url: str) -> None:
+    response = requests.post(f"{echo_url}/chat", json=chat_body(tone(0.5), stream_text=True), timeout=TIMEOUT)
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "multipart/x-mixed-replace; boundary=frame"
+    parts = response.content.split(b"\r\n--frame\r\n")
+    assert parts[0] == b""  # every part is preceded by the delimiter, nothing before the first
+    headers_and_data = [part.split(b"\r\n\r\n", 1) for part in parts[1:]]
+    kinds = [header for header, _ in headers_and_data]
+    assert kinds == [b"Content-Type: application/json", b"Content-Type: text/plain",
+                     b"Content-Type: audio/wav", b"Content-Type: audio/wav"]
+    assert json.loads(headers_and_data[0][1]) == {"queue_position": 0}
+    assert headers_and_data[1][1] == b"(echo) 0.5 s of speech"
+    audio = b"".join(data for header, data in headers_and_data if header.endswith(b"audio/wav"))
+    assert len(audio) == 2 * 12_000
+
+
+# --- failures while streaming --------------------------------------------------------------------
+
+def test_engine_failure_after_first_audio_cuts_the_chunked_stream_short() -> None:
+    engine = ScriptedEngine(pieces=5, fail_after=2)
+    with serving_engine(engine) as url:
+        response = requests.post(f"{url}/chat", json=chat_body(), stream=True, timeout=TIMEOUT)
+        assert response.status_code == 200
+        received = b""
+        with pytest.raises(requests.exceptions.ChunkedEncodingError):
+            for chunk in response.iter_content(4096):
+                received += chunk
+    assert received == PIECE * 2
+
+
+def test_engine_failure_in_multipart_sends_an_error_part_then_cuts_short() -> None:
+    with serving_engine(ScriptedEngine(pieces=5, fail_after=1)) as url:
+        response = requests.post(f"{url}/chat", json=chat_body(stream_text=True), stream=True, timeout=TIMEOUT)
+        received = b""
+        with pytest.raises(requests.exceptions.ChunkedEncodingError):
+            for chunk in response.iter_content(4096):
+                received += chunk
+    last_part = received.split(b"\r\n--frame\r\n")[-1]
+    header, data = last_part.split(b"\r\n\r\n", 1)
+    assert header == b"Content-Type: application/json"
+    assert "special token" in json.loads(data)["error"]
+
+
+def test_engine_failure_before_any_audio_is_a_500_json_error() -> None:
+    with serving_engine(ScriptedEngine(pieces=3, fail_after=0)) as url:
+        response = requests.post(f"{url}/chat", json=chat_body(), timeout=TIMEOUT)
+    assert response.status_code == 500
+    assert "special token" in response.json()["error"]
+
+
+def test_engine_with_no_audio_is_a_500_json_error() -> None:
+    with serving_engine(ScriptedEngine(pieces=0)) as url:
+        response = requests.post(f"{url}/chat", json=chat_body(), timeout=TIMEOUT)
+    assert response.status_code == 500
+    assert "without producing any audio" in response.json()["error"]
+
+
+# --- one at a time, in arrival order ---------------------------------------------------------------
+
+def health(url: str) -> dict:
+    return requests.get(f"{url}/health", timeout=TIMEOUT).json()
+
+
+def test_requests_are_served_one_at_a_time_in_arrival_order() -> None:
+    gate = threading.Event()
+    engine = ScriptedEngine(pieces=2, delay=0.05, gate=gate)
+    results: dict[int, bytes] = {}
+
+    def send(marker: int) -> None:
+        results[marker] = requests.post(f"{url}/chat", json=chat_body(max_tokens=marker), timeout=TIMEOUT).content
+
+    with serving_engine(engine) as url:
+        threads = []
+        for marker in [101, 102, 103, 104, 105]:
+            threads.append(threading.Thread(target=send, args=(marker,)))
+            threads[-1].start()
+            # The next one leaves only once this one is in line, so arrival order is known.
+            wait_for(lambda: health(url)["waiting"] == len(threads) - 1 and health(url)["busy"], what="queued")
+        assert engine.served == [101]  # the first holds the turn (blocked on the gate); the rest wait
+        gate.set()
+        for thread in threads:
+            thread.join(timeout=10)
+        assert health(url)["busy"] is False
+    assert engine.served == [101, 102, 103, 104, 105]
+    assert all(body == PIECE * 2 for body in results.values())
+
+
+def test_a_waiting_multipart_request_hears_its_place_in_line() -> None:
+    engine = ScriptedEngine(pieces=8, delay=0.2)
+    with serving_engine(engine) as url:
+        first = threading.Thread(target=requests.post, args=(f"{url}/chat",),
+                                 kwargs={"json": chat_body(), "timeout": TIMEOUT})
+        first.start()
+        wait_for(lambda: health(url)["busy"], what="first request running")
+        response = requests.post(f"{url}/chat", json=chat_body(stream_text=True), timeout=TIMEOUT)
+        first.join(timeout=10)
+    statuses = [json.loads(part.split(b"\r\n\r\n", 1)[1]) for part in response.content.split(b"\r\n--frame\r\n")
+                if part.startswith(b"Content-Type: application/json")]
+    assert statuses[0] == {"queue_position": 1}
+    assert statuses[-1] == {"queue_position": 0}
+    assert len(statuses) >= 3  # repeated about every second while waiting (the first takes 1.6 s)
+
+
+def test_a_client_that_hangs_up_frees_the_turn() -> None:
+    engine = ScriptedEngine(pieces=40, delay=0.1)  # 4 s if nobody stopped it
+    with serving_engine(engine) as url:
+        response = requests.post(f"{url}/chat", json=chat_body(max_tokens=1), stream=True, timeout=TIMEOUT)
+        next(response.iter_content(4096))
+        response.close()
+        started = time.monotonic()
+        second = requests.post(f"{url}/chat", json=chat_body(max_tokens=2), stream=True, timeout=TIMEOUT)
+        waited = time.monotonic() - started  # headers come with the second reply's first piece
+        second.close()
+        assert engine.stopped_early.is_set()
+    assert second.status_code == 200
+    assert waited < 2.0  # not the 4 s the first generation would have taken
+    assert engine.served == [1, 2]
+
+
+def test_a_client_that_hangs_up_while_queued_leaves_the_line() -> None:
+    engine = ScriptedEngine(pieces=10, delay=0.1)
+    with serving_engine(engine) as url:
+        first = threading.Thread(target=requests.post, args=(f"{url}/chat",),
+                                 kwargs={"json": chat_body(max_tokens=1), "timeout": TIMEOUT})
+        first.start()
+        wait_for(lambda: health(url)["busy"], what="first request running")
+        with pytest.raises(requests.exceptions.ReadTimeout):
+            requests.post(f"{url}/chat", json=chat_body(max_tokens=2), timeout=(2, 0.3))
+        wait_for(lambda: health(url)["waiting"] == 0, what="the hung-up request to leave the line")
+        first.join(timeout=10)
+        third = requests.post(f"{url}/chat", json=chat_body(max_tokens=3), timeout=TIMEOUT)
+    assert third.status_code == 200
+    assert engine.served == [1, 3]
+
+
+def test_a_client_that_stops_reading_does_not_hold_the_turn() -> None:
+    engine = ScriptedEngine(pieces=12, piece=b"\0" * 2_000_000)  # 24 MB: far more than socket buffers hold
+    with serving_engine(engine) as url:
+        port = int(url.rsplit(":", 1)[1])
+        body = json.dumps(chat_body(max_tokens=1)).encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as stuck:
+            stuck.sendall(b"POST /chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            wait_for(lambda: engine.served == [1], what="the stuck request to start")
+            # It never reads, yet its generation completes and the next request is served.
+            second = requests.post(f"{url}/chat", json=chat_body(max_tokens=2, stream_stride=1), stream=True,
+                                   timeout=TIMEOUT)
+            assert second.status_code == 200
+            second.close()
+    assert engine.served == [1, 2]
+
+
+# --- health -----------------------------------------------------------------------------------------
+
+def test_health_reports_loading_progress_then_ready_and_chat_waits_with_503() -> None:
+    release = threading.Event()
+
+    def loader(report):
+        report("mini-omni", "loading weights")
+        release.wait(timeout=10)
+        return EchoEngine(), "echo engine: chosen by the test"
+
+    host = EngineHost(loader, "mini-omni")
+    with serving_app(create_app(host)) as url:
+        host.start_loading()
+        wait_for(lambda: health(url)["detail"] == "loading weights", what="progress")
+        assert health(url) == {"status": "loading", "engine": "mini-omni", "detail": "loading weights",
+                               "busy": False, "waiting": 0}
+        refused = requests.post(f"{url}/chat", json=chat_body(), timeout=TIMEOUT)
+        assert refused.status_code == 503
+        assert "still starting (loading weights)" in refused.json()["error"]
+        release.set()
+        wait_for(lambda: health(url)["status"] == "ready", what="ready")
+        assert health(url)["engine"] == "echo"
+        assert health(url)["detail"] == "echo engine: chosen by the test"
+        assert requests.post(f"{url}/chat", json=chat_body(), timeout=TIMEOUT).status_code == 200
+
+
+def test_health_reports_a_load_error_and_chat_says_why() -> None:
+    def loader(report):
+        raise OSError("checkpoint/lit_model.pth is truncated")
+
+    host = EngineHost(loader, "mini-omni")
+    host.start_loading().join(timeout=5)
+    assert host.health.status is EngineStatus.ERROR
+    with serving_app(create_app(host)) as url:
+        state = health(url)
+        refused = requests.post(f"{url}/chat", json=chat_body(), timeout=TIMEOUT)
+    assert state["status"] == "error"
+    assert "truncated" in state["detail"]
+    assert refused.status_code == 503
+    assert "could not load its engine" in refused.json()["error"]
