@@ -1,0 +1,286 @@
+"""The mini-omni GPT (SPEC §6-§9) with its whisper adapter, and `MiniOmniModel`, which loads both encoders.
+
+Plain PyTorch in the gpt-fast manner: one readable forward, a KV cache that stores only the grouped K/V
+heads and is allocated once per model (batch 2, block_size positions), and a head that computes only the
+logits the decoder reads (item 0's audio slices, item 1's text slice).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import AUDIO_LAYERS, STREAMS, GPTConfig
+from .whisper import WhisperEncoder
+
+BATCH = 2  # item 0 answers with audio, item 1 with text only (SPEC §10.1)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """y = x * rsqrt(mean(x^2) + eps) * w, computed in fp32 (no +1 offset)."""
+    x32 = x.float()
+    y = x32 * torch.rsqrt((x32 * x32).mean(dim=-1, keepdim=True) + eps)
+    return (y * weight.float()).to(x.dtype)
+
+
+def rope_table(config: GPTConfig, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [block_size, head_size] in fp32, columns [theta_0..theta_{n/2-1}, theta_0..theta_{n/2-1}]."""
+    n = config.head_size
+    freqs = 1.0 / (config.rope_base ** (torch.arange(0, n, 2, device=device).float() / n))
+    angles = torch.outer(torch.arange(config.block_size, device=device).float(), freqs)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE: element d pairs with d + n/2. x: [B, heads, T, n]; cos/sin: [T, n] fp32."""
+    half = x.shape[-1] // 2
+    x32 = x.float()
+    rotated = torch.cat([-x32[..., half:], x32[..., :half]], dim=-1)
+    return (x32 * cos + rotated * sin).to(x.dtype)
+
+
+class Adapter(nn.Module):
+    """`whisper_adapter` (llamamlp): proj(silu(fc_1 f) * fc_2 f), no biases (SPEC §6)."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.fc_1 = nn.Linear(config.whisper_adapter_dim, config.intermediate_size, bias=False)
+        self.fc_2 = nn.Linear(config.whisper_adapter_dim, config.intermediate_size, bias=False)
+        self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.silu(self.fc_1(features)) * self.fc_2(features))
+
+
+class MLP(Adapter):
+    """LLaMAMLP: the same gated shape as the adapter, from n_embd."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        nn.Module.__init__(self)
+        self.fc_1 = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.fc_2 = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        # Fused QKV in litgpt's layout: per group g, [q heads gQ..gQ+Q-1 | k_g | v_g] (SPEC §9).
+        self.attn = nn.Linear(config.n_embd, config.qkv_rows, bias=config.add_qkv_bias)
+        self.proj = nn.Linear(config.n_head * config.head_size, config.n_embd, bias=False)
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def allocate_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> None:
+        """K/V of the G groups only, for every position; never zeroed (only written slots are ever read)."""
+        c = self.config
+        shape = (batch, c.n_query_groups, c.block_size, c.head_size)
+        self.k_cache = torch.empty(shape, device=device, dtype=dtype)
+        self.v_cache = torch.empty(shape, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, d] at positions start..start+T-1; attends causally to the cache and itself."""
+        c = self.config
+        b, t, _ = x.shape
+        groups, per_group, n = c.n_query_groups, c.q_per_kv, c.head_size
+        qkv = self.attn(x).view(b, t, groups, per_group + 2, n)
+        q = qkv[:, :, :, :per_group].reshape(b, t, c.n_head, n).transpose(1, 2)  # [B, H, T, n]
+        k = qkv[:, :, :, per_group].transpose(1, 2)  # [B, G, T, n]
+        v = qkv[:, :, :, per_group + 1].transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        end = start + t
+        self.k_cache[:b, :, start:end] = k
+        self.v_cache[:b, :, start:end] = v
+        keys, values = self.k_cache[:b, :, :end], self.v_cache[:b, :, :end]
+        if t == 1:
+            # One new position sees every cached one: fold each group's query heads into the query axis.
+            out = F.scaled_dot_product_attention(q.view(b, groups, per_group, n), keys, values)
+        else:
+            keys = keys.repeat_interleave(per_group, dim=1)
+            values = values.repeat_interleave(per_group, dim=1)
+            causal = torch.ones(t, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=causal)
+        return self.proj(out.reshape(b, c.n_head, t, n).transpose(1, 2).reshape(b, t, c.n_head * n))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.eps = config.norm_eps
+        self.norm_1 = nn.Module()
+        self.norm_1.weight = nn.Parameter(torch.empty(config.n_embd))
+        self.attn = Attention(config)
+        self.norm_2 = nn.Module()
+        self.norm_2.weight = nn.Parameter(torch.empty(config.n_embd))
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(rms_norm(x, self.norm_1.weight, self.eps), start, cos, sin)
+        return x + self.mlp(rms_norm(x, self.norm_2.weight, self.eps))
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The tokens chosen from one forward: item 0's 7 local audio ids and item 1's global text id."""
+
+    audio: tuple[int, ...]
+    text: int
+
+
+class GPT(nn.Module):
+    """State-dict names follow `lit_model.pth`; `lm_head.weight` is the tied `transformer.wte.weight`."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = nn.Module()
+        self.transformer.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
+        self.transformer.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.transformer.ln_f = nn.Module()
+        self.transformer.ln_f.weight = nn.Parameter(torch.empty(config.n_embd))
+        self.whisper_adapter = Adapter(config)
+        self.rope_cos: torch.Tensor | None = None
+        self.rope_sin: torch.Tensor | None = None
+
+    def prepare(self, device: torch.device, dtype: torch.dtype) -> None:
+        """The RoPE table and the KV cache, once per model."""
+        self.rope_cos, self.rope_sin = rope_table(self.config, device)
+        for block in self.transformer.h:
+            block.attn.allocate_cache(BATCH, device, dtype)
+
+    def embed(self, ids: torch.Tensor, audio_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        """ids [B, 8, T] -> [B, T, d]: the mean of the 8 stream embeddings (SPEC §8).
+
+        With `audio_embeddings` [B, T_a, d] (the prefill), positions 1..T_a of the 7 audio streams carry the
+        adapter output instead of their token embedding. Summed left to right, then divided by 8.
+        """
+        e = self.transformer.wte(ids)  # [B, 8, T, d]
+        if audio_embeddings is not None:
+            e[:, :AUDIO_LAYERS, 1 : 1 + audio_embeddings.shape[1]] = audio_embeddings[:, None]
+        x = e[:, 0]
+        for stream in range(1, STREAMS):
+            x = x + e[:, stream]
+        return x / STREAMS
+
+    def forward(self, ids: torch.Tensor, start: int, audio_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        """Run positions start..start+T-1 through the blocks (filling the cache); final-norm hidden at the last."""
+        x = self.embed(ids, audio_embeddings)
+        end = start + x.shape[1]
+        cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
+        for block in self.transformer.h:
+            x = block(x, start, cos, sin)
+        return rms_norm(x[:, -1], self.transformer.ln_f.weight, self.config.norm_eps)
+
+    def select(self, hidden: torch.Tensor) -> Selection:
+        """Greedy picks from the last hidden state [2, d]; `topk(1)` as the reference samples (SPEC §10.2)."""
+        c = self.config
+        head = self.transformer.wte.weight
+        audio_logits = F.linear(hidden[0], head[c.text_vocab_size :]).view(AUDIO_LAYERS, c.audio_vocab_size)
+        text_logits = F.linear(hidden[1], head[: c.text_vocab_size])
+        audio = torch.topk(audio_logits, 1).indices.view(-1).tolist()
+        text = int(torch.topk(text_logits, 1).indices)
+        return Selection(tuple(audio), text)
+
+    def full_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """All 181120 logits for both items (for comparison with the reference only; decoding never needs it)."""
+        return F.linear(hidden, self.transformer.wte.weight)
+
+
+def _release_pages(tensor: torch.Tensor) -> None:
+    """Drop a memory-mapped source tensor's pages from this process's RSS once it has been converted.
+
+    The pages stay in the page cache; touching the tensor again would simply fault them back in from the file.
+    """
+    if not hasattr(_release_pages, "libc"):
+        _release_pages.libc = ctypes.CDLL(None, use_errno=True)
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    page = mmap.PAGESIZE
+    aligned = start - start % page
+    _release_pages.libc.madvise(ctypes.c_void_p(aligned), ctypes.c_size_t(end - aligned), 4)  # MADV_DONTNEED
+
+
+def load_gpt(path: Path, config: GPTConfig, device: str | torch.device, dtype: torch.dtype) -> GPT:
+    """Load `lit_model.pth` tensor by tensor onto `device`/`dtype`, never holding two full copies.
+
+    The file is memory-mapped; `lm_head.weight` is never read (the tied `transformer.wte.weight` wins, as in
+    the reference). When a tensor is converted, its mapped pages are released again.
+    """
+    state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    with torch.device("meta"):
+        model = GPT(config)
+    converted: dict[str, torch.Tensor] = {}
+    expected = set(model.state_dict()) | {"lm_head.weight"}
+    if set(state) != expected:
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ValueError(f"{path}: state dict does not match the config (missing {missing}, unexpected {unexpected})")
+    for key in list(state):
+        source = state.pop(key)
+        if key == "lm_head.weight":
+            continue
+        if tuple(source.shape) != tuple(model.get_parameter(key).shape):
+            raise ValueError(f"{path}: {key} has shape {tuple(source.shape)}, config wants {tuple(model.get_parameter(key).shape)}")
+        target = source.to(device=device, dtype=dtype, copy=True)
+        _release_pages(source)
+        converted[key] = target
+    model.load_state_dict(converted, strict=True, assign=True)
+    model.prepare(torch.device(device), dtype)
+    return model.eval()
+
+
+class MiniOmniModel:
+    """GPT + whisper encoder + adapter on one device and dtype; the whole model the decoder needs."""
+
+    def __init__(self, gpt: GPT, encoder: WhisperEncoder, device: torch.device, dtype: torch.dtype) -> None:
+        self.gpt = gpt
+        self.encoder = encoder
+        self.device = device
+        self.dtype = dtype
+
+    @property
+    def config(self) -> GPTConfig:
+        return self.gpt.config
+
+    @classmethod
+    def load(
+        cls,
+        gpt_checkpoint: Path,
+        config_yaml: Path,
+        whisper_checkpoint: Path,
+        device: str,
+        dtype: torch.dtype,
+    ) -> MiniOmniModel:
+        config = GPTConfig.from_yaml(config_yaml)
+        gpt = load_gpt(gpt_checkpoint, config, device, dtype)
+        encoder = WhisperEncoder.load(whisper_checkpoint, device, dtype).eval()
+        if encoder.dims.n_audio_state != config.whisper_adapter_dim:
+            raise ValueError(
+                f"whisper width {encoder.dims.n_audio_state} != whisper_adapter_dim {config.whisper_adapter_dim}"
+            )
+        return cls(gpt, encoder, torch.device(device), dtype)
+
+    @classmethod
+    def from_state_dicts(
+        cls,
+        config: GPTConfig,
+        gpt_state: dict[str, torch.Tensor],
+        encoder: WhisperEncoder,
+        device: str,
+        dtype: torch.dtype,
+    ) -> MiniOmniModel:
+        """Build from in-memory weights (tests); `gpt_state` as in `lit_model.pth`."""
+        with torch.device("meta"):
+            gpt = GPT(config)
+        weights = {k: v.to(device=device, dtype=dtype) for k, v in gpt_state.items() if k != "lm_head.weight"}
+        gpt.load_state_dict(weights, strict=True, assign=True)
+        gpt.prepare(torch.device(device), dtype)
+        return cls(gpt.eval(), encoder.eval(), torch.device(device), dtype)
