@@ -11,6 +11,7 @@ import functools
 import logging
 import socket
 import sys
+import threading
 from pathlib import Path
 
 import uvicorn
@@ -32,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="mini-omni checkpoint directory (downloaded there when absent)")
     parser.add_argument("--device", default=None, help="torch device for mini-omni, e.g. cpu, cuda:0 (default: best available)")
     parser.add_argument("--dtype", default=None, help="torch dtype for mini-omni, e.g. float32, bfloat16")
+    parser.add_argument("--stop-on-stdin-close", action="store_true",
+                        help="exit when stdin reaches end of file (a launcher's pipe: the server dies with its launcher)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser.parse_args(argv)
 
@@ -48,8 +51,18 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{LISTENING_PREFIX}http://{shown_host}:{bound_port}", flush=True)
     host.start_loading()
     config = uvicorn.Config(create_app(host), log_level=args.log_level, timeout_graceful_shutdown=2)
-    uvicorn.Server(config).run(sockets=[listener])
+    server = uvicorn.Server(config)
+    if args.stop_on_stdin_close:
+        threading.Thread(target=_stop_at_stdin_eof, args=(server,), name="stdin-watch", daemon=True).start()
+    server.run(sockets=[listener])
     sys.exit(0)
+
+
+def _stop_at_stdin_eof(server: uvicorn.Server) -> None:
+    while sys.stdin.buffer.read(4096):
+        pass
+    logging.getLogger(__name__).info("launcher went away (stdin closed); shutting down")
+    server.should_exit = True
 
 
 if __name__ == "__main__":
