@@ -46,13 +46,19 @@ def load_engine(options: EngineOptions, report: LoadReport) -> tuple[Engine, str
     """
     if options.choice is EngineChoice.ECHO:
         return _load_echo(report), "echo engine (chosen with --engine echo)"
+    stage = ["importing the mini-omni engine"]
+
+    def report_stage(engine_name: str, detail: str) -> None:
+        stage[0] = detail
+        report(engine_name, detail)
+
     try:
-        engine = _load_mini_omni(options, report)
+        engine = _load_mini_omni(options, report_stage)
     except Exception as error:
         if options.choice is EngineChoice.MINI_OMNI:
             raise
         log.warning("mini-omni unavailable, falling back to the echo engine: %s", error)
-        reason = _one_line(error)
+        reason = f"failed while {stage[0]}: {_one_line(error)}"
         return _load_echo(report), f"echo engine: mini-omni is unavailable ({reason})"
     where = f" from {options.checkpoint_dir}" if options.checkpoint_dir else ""
     return engine, f"mini-omni{where}"
@@ -60,10 +66,7 @@ def load_engine(options: EngineOptions, report: LoadReport) -> tuple[Engine, str
 
 def _load_mini_omni(options: EngineOptions, report: LoadReport) -> Engine:
     report(MINI_OMNI, "importing the mini-omni engine")
-    try:
-        from omni_server.mini_omni.engine import MiniOmniEngine
-    except ImportError as error:
-        raise RuntimeError(f"the mini-omni engine cannot be imported: {error}") from error
+    from omni_server.mini_omni.engine import MiniOmniEngine  # here, so this module imports without it
     engine = MiniOmniEngine(options.checkpoint_dir, device=options.device, dtype=options.dtype)
     engine.load(lambda detail: report(MINI_OMNI, detail))
     return engine

@@ -55,7 +55,7 @@ def test_auto_falls_back_to_echo_when_the_download_fails_and_says_why(fake_mini_
     fake_mini_omni.fail_with = OSError("cannot reach huggingface.co")
     engine, note, reports = run(EngineChoice.AUTO)
     assert engine.name == "echo"
-    assert note == "echo engine: mini-omni is unavailable (cannot reach huggingface.co)"
+    assert note == "echo engine: mini-omni is unavailable (failed while downloading checkpoint: cannot reach huggingface.co)"
     assert reports[-1][0] == "echo"
 
 
@@ -63,7 +63,7 @@ def test_auto_falls_back_to_echo_when_the_engine_cannot_be_imported(monkeypatch:
     monkeypatch.setitem(sys.modules, MODULE, None)  # makes the import raise ImportError
     engine, note, _ = run(EngineChoice.AUTO)
     assert engine.name == "echo"
-    assert note.startswith("echo engine: mini-omni is unavailable (the mini-omni engine cannot be imported")
+    assert note.startswith("echo engine: mini-omni is unavailable (failed while importing the mini-omni engine: ")
 
 
 def test_forced_mini_omni_failure_is_an_error_in_health(fake_mini_omni) -> None:
