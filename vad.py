@@ -12,15 +12,19 @@ runs window by window. The probabilities equal the stock one-window-at-a-time mo
 fraction of the CPU, and the cost per audio second does not grow with the length of the utterance.
 
 Threads: `import silero_vad` calls `torch.set_num_threads(1)` for the whole process. This module restores the
-thread count that was set before, so other torch models in the app keep their threads; the detector's own
-batches are small and cost about the same CPU either way.
+thread count that was set before, so importing it does not slow other torch models in the app. The detector's
+own batches are too small to share across threads (extra threads only spin: measured 3-15x the CPU on a busy
+2-core machine), so each model call runs with one thread and puts the count back afterwards. Off the main thread
+(Gradio runs handlers in worker threads) torch's count is per thread, so this does not touch other threads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -138,6 +142,18 @@ def _silero_parts() -> _SileroParts:
     return _SileroParts(network=network, lstm=lstm.eval())
 
 
+@contextlib.contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    if before != 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if before != 1:
+            torch.set_num_threads(before)
+
+
 class SpeechScorer:
     """Silero speech probability of consecutive 512-sample windows at 16 kHz, state carried across calls.
 
@@ -161,7 +177,7 @@ class SpeechScorer:
         with_context = np.concatenate([self._context, samples[: count * WINDOW_SAMPLES]])
         frames = np.lib.stride_tricks.sliding_window_view(with_context, _CONTEXT_SAMPLES + WINDOW_SAMPLES)
         frames = np.ascontiguousarray(frames[::WINDOW_SAMPLES])
-        with torch.inference_mode():
+        with torch.inference_mode(), _one_torch_thread():
             network = self._parts.network
             features = network.encoder(network.run_extractors(torch.from_numpy(frames)))  # (count, 128, 1)
             hidden, self._lstm_state = self._parts.lstm(features.reshape(count, 1, -1), self._lstm_state)
