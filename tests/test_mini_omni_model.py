@@ -1,0 +1,294 @@
+"""The mini-omni model core: recipe weights, whisper front end, GPT and the batch-2 decoding.
+
+Golden case A (needs ../shared) checks the recipe's tensors and every token of the reference run; the rest
+builds a tiny checkpoint with the same recipe and always runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from omni_server.mini_omni import recipe
+from omni_server.mini_omni.config import EOT, PAD_T, WHISPER_TINY, GPTConfig, WhisperDims
+from omni_server.mini_omni.generate import (
+    Generation,
+    Step,
+    StopReason,
+    audio_embeddings,
+    decode_ids,
+    generate_steps,
+    max_tokens_error,
+    prompt_ids,
+    prompt_length,
+)
+from omni_server.mini_omni.gpt import MiniOmniModel
+from omni_server.mini_omni.whisper import WhisperEncoder, feature_length, log_mel
+from tests import speech
+from tests.mini_omni_helpers import GOLDEN, load_golden, read_wav
+
+SEED_A = 1234
+
+
+# ------------------------------------------------------------------------------------ golden case A
+
+
+@pytest.fixture(scope="module")
+def case_a(shared_dir: Path) -> tuple[dict, dict, np.ndarray]:
+    golden, arrays = load_golden(shared_dir, "golden_A")
+    audio = read_wav(shared_dir / GOLDEN / golden["meta"]["wav"])
+    assert hashlib.sha256(audio.tobytes()).hexdigest() == golden["input"]["audio_f32_sha256"]
+    return golden, arrays, audio
+
+
+@pytest.fixture(scope="module")
+def model_a(shared_dir: Path, case_a) -> MiniOmniModel:
+    golden = case_a[0]
+    config = GPTConfig.from_yaml(shared_dir / GOLDEN / "golden_A_model_config.yaml")
+    dims = WhisperDims(**golden["meta"]["whisper_dims"])
+    encoder = WhisperEncoder.from_whisper_state_dict(
+        dims, recipe.whisper_state_dict(dims, SEED_A, encoder_only=True), "cpu", torch.float32
+    )
+    return MiniOmniModel.from_state_dicts(config, recipe.gpt_state_dict(config, SEED_A), encoder, "cpu", torch.float32)
+
+
+def test_recipe_reproduces_golden_a_weights(shared_dir: Path) -> None:
+    import json
+
+    expected = json.loads((shared_dir / GOLDEN / "golden_A_weights.json").read_text())
+    config = GPTConfig.from_yaml(shared_dir / GOLDEN / "golden_A_model_config.yaml")
+    built = {
+        "gpt": recipe.gpt_state_dict(config, SEED_A),
+        "whisper_encoder": recipe.whisper_state_dict(WHISPER_TINY, SEED_A, encoder_only=True),
+        "snac": recipe.snac_state_dict(SEED_A),
+    }
+    for component, tensors in expected.items():
+        assert len(built[component]) == len(tensors), component
+        for key, facts in tensors.items():
+            tensor = built[component][facts.get("recipe_key", key)]
+            assert list(tensor.shape) == facts["shape"], key
+            assert recipe.tensor_sha256(tensor) == facts["sha256_f32le"], key
+
+
+def test_golden_a_front_end_and_logits(case_a, model_a: MiniOmniModel) -> None:
+    golden, arrays, audio = case_a
+    rows = feature_length(len(audio))
+    assert rows == golden["input"]["leng"] and prompt_length(audio) == golden["prompt"]["T"]
+    mel = log_mel(audio)
+    np.testing.assert_allclose(mel.numpy(), arrays["mel"], atol=1e-5, rtol=0)
+    with torch.inference_mode():
+        encoded = model_a.encoder(mel[None])[0]
+        np.testing.assert_allclose(encoded.numpy(), arrays["whisper_encoder_out"], atol=1e-5, rtol=0)
+        embeddings = audio_embeddings(model_a, audio)
+        np.testing.assert_allclose(embeddings.numpy(), arrays["adapter_out"], atol=1e-5, rtol=0)
+
+        prompt = prompt_ids(rows)
+        assert prompt[0].tolist() == golden["prompt"]["item0_streams"]
+        assert prompt[1].tolist() == golden["prompt"]["item1_streams"]
+        # The full-vocabulary logits of the prefill and decode iterations 1-3, fed the golden tokens.
+        gpt = model_a.gpt
+        hidden = gpt(prompt, 0, embeddings)
+        for k in range(4):
+            if k:
+                fed = torch.tensor([golden["steps"][k]["fed_item0"], golden["steps"][k]["fed_item1"]])
+                hidden = gpt(fed[:, :, None], len(prompt[0, 0]) + k - 1)
+            logits = gpt.full_logits(hidden)
+            np.testing.assert_allclose(logits.numpy(), arrays[f"logits_call{k}"], atol=1e-5, rtol=0)
+
+
+def test_golden_a_every_token(case_a, model_a: MiniOmniModel) -> None:
+    golden, _, audio = case_a
+    generation = generate_steps(model_a, audio, golden["meta"]["max_tokens"])
+    steps = list(generation)
+
+    reference = golden["steps"]
+    appended = [s for s in reference if s["appended"]]
+    assert [s.index for s in steps] == [s["step"] for s in appended]
+    for step, expected in zip(steps, appended):
+        assert list(step.audio) == expected["sampled_audio_item0"], step.index
+        assert step.text == expected["text_recorded"], step.index
+    # What was fed at each decode iteration, and the raw picks of every forward (the stop step's included).
+    for k, expected in enumerate(reference[1:], start=1):
+        fed = decode_ids(steps[k - 1])[:, :, 0].tolist()
+        assert fed == [expected["fed_item0"], expected["fed_item1"]], k
+    assert len(generation.selections) == len(reference)
+    for picked, expected in zip(generation.selections, reference):
+        assert list(picked.audio) == expected["sampled_audio_item0"]
+        assert picked.text == expected["sampled_text_item1_raw"]
+
+    assert generation.stop_reason.value == golden["stop"]["reason"]
+    assert len(reference) - 1 == golden["stop"]["at_decode_iteration"]
+    lists = [list(layer) for layer in zip(*(s.audio for s in steps))] + [[s.text for s in steps]]
+    assert lists == golden["list_output"]
+    assert lists[7] == golden["text_token_ids"]
+
+
+# ------------------------------------------------------------------------------- tiny checkpoint
+
+TINY = GPTConfig(
+    name="mini-omni-tiny-self-test",
+    n_layer=2,
+    n_head=4,
+    head_size=8,
+    n_embd=32,
+    n_query_groups=2,
+    intermediate_size=48,
+    whisper_adapter_dim=32,
+)
+TINY_WHISPER = WhisperDims(
+    n_audio_state=32, n_audio_head=2, n_audio_layer=2, n_vocab=64, n_text_ctx=8, n_text_state=16,
+    n_text_head=2, n_text_layer=1,
+)
+TINY_SEED = 5
+TINY_RECIPE = recipe.GPTRecipe(eot_gain=8.0)  # a boosted eot, so text forcing starts early
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint written in the real file formats (whisper in fp16, as the real small.pt)."""
+    directory = tmp_path_factory.mktemp("tiny-checkpoint")
+    TINY.write_yaml(directory / recipe.CONFIG_FILE)
+    recipe.write_gpt(directory / recipe.GPT_FILE, TINY, TINY_SEED, TINY_RECIPE)
+    recipe.write_whisper(directory / recipe.WHISPER_FILE, TINY_WHISPER, TINY_SEED, torch.float16)
+    return directory
+
+
+def load_tiny(directory: Path, dtype: torch.dtype = torch.float32) -> MiniOmniModel:
+    return MiniOmniModel.load(
+        directory / recipe.GPT_FILE, directory / recipe.CONFIG_FILE, directory / recipe.WHISPER_FILE, "cpu", dtype
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir: Path) -> MiniOmniModel:
+    return load_tiny(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def speech_audio() -> np.ndarray:
+    """A 1.7 s warbling chirp: synthetic, so the tiny model's token streams are the same on every machine."""
+    t = np.arange(int(1.7 * speech.RATE)) / speech.RATE
+    return (0.3 * np.sin(2 * math.pi * (200 + 150 * t) * t) * np.sin(2 * math.pi * 3 * t)).astype(np.float32)
+
+
+def test_loaded_weights_are_the_recipe(tiny: MiniOmniModel) -> None:
+    state = recipe.gpt_state_dict(TINY, TINY_SEED, TINY_RECIPE)
+    loaded = tiny.gpt.state_dict()
+    assert set(loaded) == set(state) - {"lm_head.weight"}
+    for key, tensor in state.items():
+        if key != "lm_head.weight":
+            assert torch.equal(loaded[key], tensor), key
+    # whisper is stored in fp16, as the real small.pt; the encoder computes in fp32.
+    conv = recipe.whisper_state_dict(TINY_WHISPER, TINY_SEED, encoder_only=True)["encoder.conv1.weight"]
+    assert tiny.encoder.conv1.weight.dtype == torch.float32
+    assert torch.equal(tiny.encoder.conv1.weight, conv.half().float())
+
+
+def test_tied_head_uses_wte_like_the_reference(tiny_dir: Path, tmp_path: Path) -> None:
+    """If the file's two tied copies differ, `transformer.wte.weight` wins (SPEC §1)."""
+    state = torch.load(tiny_dir / recipe.GPT_FILE)
+    state["lm_head.weight"] = torch.zeros_like(state["lm_head.weight"])
+    torch.save(state, tmp_path / recipe.GPT_FILE)
+    model = MiniOmniModel.load(
+        tmp_path / recipe.GPT_FILE, tiny_dir / recipe.CONFIG_FILE, tiny_dir / recipe.WHISPER_FILE, "cpu", torch.float32
+    )
+    assert torch.equal(model.gpt.transformer.wte.weight, state["transformer.wte.weight"])
+
+
+def test_mismatched_checkpoint_is_refused(tiny_dir: Path, tmp_path: Path) -> None:
+    GPTConfig(**{**{k: getattr(TINY, k) for k in ("name", "n_head", "head_size", "n_embd", "n_query_groups",
+              "intermediate_size", "whisper_adapter_dim")}, "n_layer": 3}).write_yaml(tmp_path / "model_config.yaml")
+    with pytest.raises(ValueError, match="transformer.h.2"):
+        MiniOmniModel.load(tiny_dir / recipe.GPT_FILE, tmp_path / "model_config.yaml", tiny_dir / recipe.WHISPER_FILE,
+                           "cpu", torch.float32)
+
+
+def test_cached_decoding_equals_full_recompute(tiny: MiniOmniModel, speech_audio: np.ndarray) -> None:
+    """Every decode step's hidden state with the KV cache equals a fresh forward over the whole sequence."""
+    steps_to_check = 12
+    prompt = prompt_ids(feature_length(len(speech_audio)))
+    t = prompt.shape[-1]
+    generation = generate_steps(tiny, speech_audio, t + 1 + steps_to_check)
+    steps = list(generation)
+    assert len(steps) == steps_to_check + 1
+    gpt = tiny.gpt
+    with torch.inference_mode():
+        embeddings = audio_embeddings(tiny, speech_audio)
+        cached = [gpt(prompt, 0, embeddings)]
+        for step in steps[:-1]:
+            cached.append(gpt(decode_ids(step), t + step.index))
+        for k in range(len(steps)):
+            sequence = torch.cat([prompt] + [decode_ids(s) for s in steps[:k]], dim=-1)
+            recomputed = gpt(sequence, 0, embeddings)
+            torch.testing.assert_close(cached[k], recomputed, atol=1e-5, rtol=1e-5)
+            picked = gpt.select(recomputed)
+            assert (picked.audio, picked.text) == (generation.selections[k].audio, generation.selections[k].text)
+
+
+def test_max_tokens_counts_the_prompt(tiny: MiniOmniModel, speech_audio: np.ndarray) -> None:
+    t = prompt_length(speech_audio)
+    assert t == feature_length(len(speech_audio)) + 3
+    assert "must be more than" in max_tokens_error(t, t)
+    assert max_tokens_error(t, t + 1) is None
+    assert max_tokens_error(t, 2049) is None
+    assert "2049" in max_tokens_error(t, 2050)
+    with pytest.raises(ValueError, match="counts the prompt"):
+        generate_steps(tiny, speech_audio, t)
+
+    only_prefill = generate_steps(tiny, speech_audio, t + 1)
+    assert [s.index for s in only_prefill] == [0]
+    assert only_prefill.stop_reason is StopReason.MAX_TOKENS
+
+    some = generate_steps(tiny, speech_audio, t + 6)
+    assert some.stop_reason is None  # not known before the end
+    assert [s.index for s in some] == list(range(6))
+    assert some.stop_reason is StopReason.MAX_TOKENS
+
+
+def test_prompt_length_follows_the_audio_length() -> None:
+    assert prompt_length(np.zeros(31062, np.float32)) == 101  # output1.wav: 1941.375 ms
+    assert prompt_length(np.zeros(16000, np.float32)) == 54  # 1000 ms: 50 + 1 rows, + 3
+    assert prompt_length(np.zeros(40 * 16000, np.float32)) == 1503  # cut to 30 s of features
+
+
+def test_eoa_stop_and_text_forcing(tiny: MiniOmniModel, speech_audio: np.ndarray) -> None:
+    max_tokens = 2049
+    generation = generate_steps(tiny, speech_audio, max_tokens)
+    steps = list(generation)
+    assert generation.stop_reason is StopReason.EOA
+    assert len(steps) < max_tokens - prompt_length(speech_audio)
+    # The eoa step is discarded; no appended step has eoa in layer 6.
+    assert generation.selections[-1].audio[6] == 4096
+    assert len(generation.selections) == len(steps) + 1
+    assert all(s.audio[6] != 4096 for s in steps)
+    assert all(0 <= a < 4160 for s in steps for a in s.audio)
+    # After the first eot of a decode step, text is forced to pad_t; the raw picks go on.
+    texts = [s.text for s in steps]
+    first_eot = texts.index(EOT, 1)
+    assert all(t == PAD_T for t in texts[first_eot + 1 :])
+    raw = [s.text for s in generation.selections[first_eot + 1 : len(steps)]]
+    assert any(t != PAD_T for t in raw)
+
+
+def test_decoding_is_deterministic(tiny_dir: Path, tiny: MiniOmniModel, speech_audio: np.ndarray) -> None:
+    t = prompt_length(speech_audio)
+    first = list(generate_steps(tiny, speech_audio, t + 30))
+    again = list(generate_steps(tiny, speech_audio, t + 30))
+    other_process_like = list(generate_steps(load_tiny(tiny_dir), speech_audio, t + 30))
+    assert first == again == other_process_like
+    assert all(isinstance(s, Step) for s in first)
+
+
+def test_bf16_model_decodes(tiny_dir: Path, tiny: MiniOmniModel, speech_audio: np.ndarray) -> None:
+    """bf16 is for speed; tokens may drift from fp32 after a while, but the model must decode sensibly."""
+    t = prompt_length(speech_audio)
+    half = load_tiny(tiny_dir, torch.bfloat16)
+    assert half.gpt.transformer.wte.weight.dtype == torch.bfloat16
+    steps = list(generate_steps(half, speech_audio, t + 8))
+    assert len(steps) == 8 and all(0 <= a < 4160 for s in steps for a in s.audio)
+    assert isinstance(generate_steps(half, speech_audio, t + 2), Generation)
