@@ -36,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vad import PauseDetector, RecordedTurn, VadOptions, turns_in_recording  # noqa: E402
+from vad import VAD_SAMPLE_RATE, PauseDetector, RecordedTurn, VadOptions, turns_in_recording  # noqa: E402
 
 _OPTION_HELP = {
     "start_secs": "seconds of speech before a turn starts (ignores clicks and coughs)",
@@ -63,8 +63,16 @@ def read_wav(path: Path) -> tuple[int, np.ndarray]:
     return rate, samples.reshape(-1, channels) if channels > 1 else samples
 
 
+def warm_up() -> None:
+    """A new process's first model calls are slow (torch prepares the network); keep that out of the timing."""
+    detector = PauseDetector()
+    noise = np.random.default_rng(0).normal(0, 0.1, VAD_SAMPLE_RATE).astype(np.float32)
+    for _ in range(3):
+        detector.feed(VAD_SAMPLE_RATE, noise)
+
+
 def measure(rate: int, samples: np.ndarray, chunk_secs: float, options: VadOptions) -> tuple[list[RecordedTurn], float]:
-    """The turns in a recording, and the detector's CPU milliseconds per second of audio."""
+    """The turns in a recording, and the detector's CPU milliseconds per second of audio (after warm_up)."""
     detector = PauseDetector(options)
     started = time.process_time()
     turns = turns_in_recording(rate, samples, chunk_secs, detector)
@@ -96,6 +104,7 @@ def main() -> None:
         rate, samples = read_wav(args.wav)
     except (ValueError, OSError, wave.Error, KeyError) as error:
         sys.exit(f"turn_latency.py: {error}")
+    warm_up()
     turns, cpu_ms_per_s = measure(rate, samples, args.chunk_secs, options)
     for number, turn in enumerate(turns, 1):
         print(
