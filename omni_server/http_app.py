@@ -16,10 +16,12 @@ import asyncio
 import json
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.types import Message, Receive, Scope, Send
 
 from omni_server.audio_decode import DecoderUnavailable
 from omni_server.chat_request import MAX_BODY_BYTES, BadRequest, decode_request, parse_fields
@@ -110,17 +112,20 @@ class _Failed:
         self.error = error
 
 
+_Item = AudioPiece | TextPiece | _Finished | _Failed
+
+
 class _Generation:
     """Runs `engine.generate` on a worker thread, so a blocking engine never stalls the event loop.
 
     `on_finished` runs on the loop once the engine has really stopped: only then may the next turn start.
     """
 
-    def __init__(self, engine: Engine, request: ChatRequest, on_finished: Any) -> None:
+    def __init__(self, engine: Engine, request: ChatRequest, on_finished: Callable[[], None]) -> None:
         self._engine = engine
         self._request = request
         self._loop = asyncio.get_running_loop()
-        self._items: asyncio.Queue[Any] = asyncio.Queue()
+        self._items: asyncio.Queue[_Item] = asyncio.Queue()
         self._stop = threading.Event()
         self._on_finished = on_finished
         threading.Thread(target=self._run, name="generation", daemon=True).start()
@@ -128,7 +133,7 @@ class _Generation:
     def stop(self) -> None:
         self._stop.set()
 
-    async def next_item(self, timeout: float) -> Any:
+    async def next_item(self, timeout: float) -> _Item | None:
         """The next piece, `_Finished` or `_Failed`; None if nothing came within `timeout`."""
         try:
             return await asyncio.wait_for(self._items.get(), timeout)
@@ -154,10 +159,10 @@ class _Generation:
                 close()
             self._call_on_loop(self._on_finished)
 
-    def _deliver(self, item: Any) -> None:
+    def _deliver(self, item: _Item) -> None:
         self._call_on_loop(self._items.put_nowait, item)
 
-    def _call_on_loop(self, function: Any, *args: Any) -> None:
+    def _call_on_loop(self, function: Callable[..., object], *args: object) -> None:
         try:
             self._loop.call_soon_threadsafe(function, *args)
         except RuntimeError:  # the loop is closed: the server is shutting down
@@ -167,7 +172,7 @@ class _Generation:
 class _Writer:
     """ASGI sends with a deadline, and a record of whether the status line went out."""
 
-    def __init__(self, send: Any, gone: asyncio.Event) -> None:
+    def __init__(self, send: Send, gone: asyncio.Event) -> None:
         self._send = send
         self._gone = gone
         self.started = False
@@ -192,7 +197,7 @@ class _Writer:
         self.started = True
         await self._deliver({"type": "http.response.body", "body": _json({"error": message}), "more_body": False})
 
-    async def _deliver(self, message: dict[str, Any]) -> None:
+    async def _deliver(self, message: Message) -> None:
         if self._gone.is_set():
             raise _ClientGone
         try:
@@ -215,7 +220,7 @@ class ReplyStream(Response):
         self._turns = turns
         self._multipart = request.stream_text
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         gone = asyncio.Event()
         watcher = asyncio.create_task(_watch_disconnect(receive, gone))
         ticket = self._turns.join()
@@ -283,7 +288,7 @@ class ReplyStream(Response):
         log.warning("cutting the reply short: %s", message)
 
 
-async def _watch_disconnect(receive: Any, gone: asyncio.Event) -> None:
+async def _watch_disconnect(receive: Receive, gone: asyncio.Event) -> None:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
