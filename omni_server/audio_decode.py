@@ -33,7 +33,9 @@ def decode_base64(text: str) -> bytes:
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as error:
-        raise UndecodableAudio("The audio field is not valid base64 (standard alphabet with padding, no line breaks).") from error
+        raise UndecodableAudio(
+            "The audio field is not valid base64 (standard alphabet with padding, no line breaks)."
+        ) from error
 
 
 def decode_audio_file(data: bytes, *, max_seconds: float) -> np.ndarray:
