@@ -18,7 +18,9 @@ reference), zero, given vectors (to replay a recorded run), or a per-request see
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -32,10 +34,10 @@ from omni_server.mini_omni.config import AUDIO_CODES, AUDIO_LAYERS
 SNAC_HUB_REPO = "hubertsiuzdak/snac_24khz"
 FRAME_SAMPLES = 2048  # one SNAC frame: 4 latent steps × hop 512 at 24 kHz (85.33 ms)
 
-# How far (in output samples) one frame's codes reach into the decoded audio on each side: SNAC's decoder
-# convolutions make a sample depend on the codes within about 2.5 frames. Measured on the recipe SNAC
-# (golden case A): cutting 2.5 frames from a window edge leaves 0.026 LSB of error (float rounding), 2.25
-# frames 0.5 LSB, 2 frames 124-136 LSB. The reach is a property of the architecture, not of the weights.
+# How far a window's edge disturbs its decoded audio: the zero padding of SNAC's decoder convolutions
+# changes samples up to 4713 (left edge) and 4723 (right edge) samples away, measured in float64 where any
+# dependence shows; it is a property of the architecture, not of the weights. In float32 on the recipe SNAC:
+# 2 frames from an edge the error is still 124-136 LSB, at 2.5 frames 0.026 LSB (rounding).
 SEAM_CONTEXT_SAMPLES = 5 * FRAME_SAMPLES // 2
 
 Frame = tuple[int, ...]  # the 7 local ids of one SNAC frame, layers 0..6
@@ -94,24 +96,26 @@ def pcm_rounded(audio: np.ndarray) -> bytes:
 
 
 class Noise(Protocol):
-    """Where a SNAC NoiseBlock's noise comes from, for a decode of `frames` frames starting at `first_frame`.
+    """Where a SNAC NoiseBlock's noise comes from.
 
-    Returns a [length] tensor, or None to skip the block's noise term (noise zero)."""
+    `block` is the decoder block (0..3); the noise covers `length` positions of that block's signal starting
+    at absolute position `start` (counted from the first frame of the reply), `per_frame` positions a frame.
+    Returns a [length] tensor, or None for no noise term (noise zero)."""
 
-    def __call__(self, block: int, first_frame: int, frames: int, length: int) -> torch.Tensor | None: ...
+    def __call__(self, block: int, start: int, length: int, per_frame: int) -> torch.Tensor | None: ...
 
 
 class ZeroNoise:
     """No noise: deterministic audio (the golden files' mode)."""
 
-    def __call__(self, block: int, first_frame: int, frames: int, length: int) -> torch.Tensor | None:
+    def __call__(self, block: int, start: int, length: int, per_frame: int) -> torch.Tensor | None:
         return None
 
 
 class GlobalRngNoise:
     """What the package does: fresh `torch.randn` from the global RNG at every block of every decode."""
 
-    def __call__(self, block: int, first_frame: int, frames: int, length: int) -> torch.Tensor | None:
+    def __call__(self, block: int, start: int, length: int, per_frame: int) -> torch.Tensor | None:
         return torch.randn(length)
 
 
@@ -122,32 +126,32 @@ class GivenNoise:
         self._vectors = list(vectors)
         self._call = -1
 
-    def __call__(self, block: int, first_frame: int, frames: int, length: int) -> torch.Tensor | None:
+    def __call__(self, block: int, start: int, length: int, per_frame: int) -> torch.Tensor | None:
         if block == 0:
             self._call += 1
         vector = torch.as_tensor(np.asarray(self._vectors[self._call][block], dtype=np.float32))
         if vector.numel() != length:
-            raise ValueError(f"recorded noise for call {self._call} block {block} has {vector.numel()} values, need {length}")
+            raise ValueError(f"recorded noise of call {self._call} block {block} has {vector.numel()} values, not {length}")
         return vector
 
 
 class SeededNoise:
     """A reproducible noise field: each (frame, block) slice drawn from its own generator seeded from `seed`.
 
-    The noise at a position depends only on the seed and the frame, so decoding a frame again (as left
-    context of the next window) gives it exactly the noise it had before, and a window-by-window decode
-    equals a whole-utterance decode. The global RNG is never touched."""
+    The noise at a position depends only on the seed and the position, so a frame decoded again (as context
+    of the next window) gets exactly the noise it had before, and a window-by-window decode equals a
+    whole-utterance decode. The global RNG is never touched."""
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
 
-    def __call__(self, block: int, first_frame: int, frames: int, length: int) -> torch.Tensor | None:
-        per_frame, remainder = divmod(length, frames)
-        if remainder:
-            raise ValueError(f"noise length {length} is not a multiple of {frames} frames")
-        return torch.cat([self._slice(first_frame + g, block, per_frame) for g in range(frames)])
+    def __call__(self, block: int, start: int, length: int, per_frame: int) -> torch.Tensor | None:
+        first, last = start // per_frame, (start + length - 1) // per_frame
+        field = torch.cat([self._frame(g, block, per_frame) for g in range(first, last + 1)])
+        offset = start - first * per_frame
+        return field[offset : offset + length]
 
-    def _slice(self, frame: int, block: int, length: int) -> torch.Tensor:
+    def _frame(self, frame: int, block: int, length: int) -> torch.Tensor:
         generator = torch.Generator("cpu").manual_seed(derive_seed(f"{self.seed}:{frame}:{block}"))
         return torch.randn(length, generator=generator)
 
@@ -168,15 +172,59 @@ class _PolicyNoiseBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         codec = self._codec[0]
-        noise = codec.noise(self.block, codec.first_frame, codec.frames, x.shape[-1])
+        noise = codec.noise(self.block, codec.noise_start, x.shape[-1], codec.noise_per_frame)
         if noise is None:
             return x
         noise = noise.to(device=x.device, dtype=x.dtype).reshape(1, 1, -1)
         return x + noise * self.linear(x)
 
 
+@dataclass(frozen=True)
+class _Stage:
+    """A run of SNAC decoder layers that changes the rate once (a DecoderBlock) or not at all."""
+
+    layers: nn.Sequential
+    upsample: int  # output positions per input position
+    scale: int  # output samples (24 kHz) per position of this stage's output
+    reach: int  # output samples on either side across which this stage's convolutions look (upper bound)
+
+
+def _decoder_stages(decoder: nn.Sequential, hop: int) -> list[_Stage]:
+    """Split `decoder.model` into rate stages, with each stage's scale and convolution reach."""
+    groups: list[list[nn.Module]] = [[]]
+    for layer in decoder:
+        if _upsampling(layer) > 1:
+            groups += [[layer], []]
+        else:
+            groups[-1].append(layer)
+    stages, scale = [], hop
+    for group in filter(None, groups):
+        upsample = math.prod(_upsampling(layer) for layer in group)
+        scale //= upsample
+        stages.append(_Stage(nn.Sequential(*group), upsample, scale, _reach(group, scale)))
+    return stages
+
+
+def _upsampling(layer: nn.Module) -> int:
+    return math.prod(m.stride[0] for m in layer.modules() if isinstance(m, nn.ConvTranspose1d))
+
+
+def _reach(layers: list[nn.Module], scale: int) -> int:
+    reach = 0
+    for m in (m for layer in layers for m in layer.modules()):
+        if isinstance(m, nn.ConvTranspose1d):  # an output position sees ceil(k / stride) inputs
+            reach += math.ceil(m.kernel_size[0] / m.stride[0]) * m.stride[0] * scale
+        elif isinstance(m, nn.Conv1d):
+            reach += m.dilation[0] * (m.kernel_size[0] - 1) // 2 * scale
+    return reach
+
+
 class SnacCodec:
-    """The SNAC 24 kHz decoder (encoder dropped), with weight norm folded in and controllable noise."""
+    """The SNAC 24 kHz decoder (encoder dropped), weight norm folded in, noise from a `Noise` policy.
+
+    `decode` can return just a region of the window: the low-rate first stages run over the whole window
+    (they need the context), and each later, costlier stage only over the region plus the reach of the
+    stages after it, so context costs little beyond the first stages."""
 
     def __init__(self, model: nn.Module, device: str | torch.device = "cpu") -> None:
         model.encoder = None  # only decoding is needed: frees the encoder's weights
@@ -187,9 +235,11 @@ class SnacCodec:
         self._replace_noise_blocks(model)
         self.model = model.to(device).eval()
         self.device = torch.device(device)
+        self._stages = _decoder_stages(model.decoder.model, FRAME_SAMPLES // model.vq_strides[0])
+        self._margins = [sum(s.reach for s in self._stages[i + 1 :]) for i in range(len(self._stages))]
         self.noise: Noise = ZeroNoise()
-        self.first_frame = 0
-        self.frames = 0
+        self.noise_start = 0
+        self.noise_per_frame = 0
 
     @classmethod
     def load(cls, source: str | Path = SNAC_HUB_REPO, device: str | torch.device = "cpu") -> SnacCodec:
@@ -208,18 +258,31 @@ class SnacCodec:
                     setattr(parent, name, _PolicyNoiseBlock(child.linear, count, self))
                     count += 1
 
-    def decode(self, frames: Sequence[Frame], first_frame: int, noise: Noise) -> np.ndarray:
-        """Float audio (2048 samples per frame, in [-1, 1]) of `frames`, which start at frame `first_frame`."""
+    def decode(
+        self, frames: Sequence[Frame], first_frame: int, noise: Noise, region: tuple[int, int] | None = None
+    ) -> np.ndarray:
+        """Float audio in [-1, 1] of `frames` (which start at frame `first_frame`): all 2048 samples a frame,
+        or only the absolute sample range `region` (samples counted from frame 0)."""
         if not frames:
             return np.zeros(0, dtype=np.float32)
         codes = [torch.tensor([c], dtype=torch.long, device=self.device) for c in frame_codes(frames)]
-        self.noise, self.first_frame, self.frames = noise, first_frame, len(frames)
+        self.noise = noise
         try:
             with torch.inference_mode():
-                audio = self.model.decode(codes)
+                x = self.model.quantizer.from_codes(codes)
+                origin = first_frame * FRAME_SAMPLES // self._stages[0].scale  # absolute index of x[..., 0]
+                for stage, margin in zip(self._stages, self._margins):
+                    origin *= stage.upsample
+                    self.noise_start, self.noise_per_frame = origin, FRAME_SAMPLES // stage.scale
+                    x = stage.layers(x)
+                    if region is not None:
+                        lo = max(0, (region[0] - margin) // stage.scale - 1 - origin)
+                        hi = min(x.shape[-1], -(-(region[1] + margin) // stage.scale) + 1 - origin)
+                        x, origin = x[..., lo:hi], origin + lo
         finally:
             self.noise = ZeroNoise()
-        return audio.reshape(-1).float().cpu().numpy()
+        audio = x.reshape(-1).float().cpu().numpy()
+        return audio if region is None else audio[region[0] - origin : region[1] - origin]
 
 
 class AudioStreamer(Protocol):
@@ -297,8 +360,7 @@ class SeamlessStreamer:
         if end <= start:
             return
         first = max(0, (start - SEAM_CONTEXT_SAMPLES) // FRAME_SAMPLES)
-        audio = self._codec.decode(self._frames.frames(first, self._usable), first, self._noise)
-        offset = first * FRAME_SAMPLES
+        frames = self._frames.frames(first, self._usable)
         self._sent_samples = end
-        yield pcm_rounded(audio[start - offset : end - offset])
+        yield pcm_rounded(self._codec.decode(frames, first, self._noise, region=(start, end)))
 

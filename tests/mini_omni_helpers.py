@@ -1,0 +1,77 @@
+"""Test material for the mini-omni engine: tokenizers built on the spot and golden-file readers."""
+
+from __future__ import annotations
+
+import json
+import wave
+from pathlib import Path
+
+import numpy as np
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+GOLDEN = Path("mini-omni") / "golden"
+ENDOFTEXT = 151_643  # Qwen2's <|endoftext|>
+
+
+def trained_tokenizer() -> Tokenizer:
+    """A small byte-level BPE trained on ASCII, so accented letters and emoji split into several ids."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<|endoftext|>"]
+    )
+    tokenizer.train_from_iterator(["the quick brown fox jumps over the lazy dog, hello world"] * 20, trainer)
+    return tokenizer
+
+
+def word_tokenizer(path: Path, vocab_size: int = 151_936) -> Path:
+    """A byte-level tokenizer.json where every Qwen2-range id is a word (" w<id>"), and 151643 a special.
+
+    Random recipe models emit text ids anywhere in 0..151999; with this vocabulary each of them decodes to
+    something, so the streamed text is not empty."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {char: i for i, char in enumerate(alphabet)}
+    for i in range(len(vocab), vocab_size):
+        vocab[f"\u0120w{i}"] = i  # \u0120 is the byte-level symbol of a space
+    del vocab[f"\u0120w{ENDOFTEXT}"]
+    vocab["<|endoftext|>"] = ENDOFTEXT
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken("<|endoftext|>", special=True)])
+    tokenizer.save(str(path))
+    return path
+
+
+def read_wav(path: Path) -> np.ndarray:
+    """16-bit mono WAV → float32 in [-1, 1) as int16 / 32768 (SPEC §4.1)."""
+    with wave.open(str(path), "rb") as f:
+        assert f.getnchannels() == 1 and f.getsampwidth() == 2
+        return np.frombuffer(f.readframes(f.getnframes()), dtype="<i2").astype(np.float32) / 32768.0
+
+
+def load_golden(shared_dir: Path, name: str) -> tuple[dict, dict]:
+    """(`<name>.json`, `<name>.npz`) of a golden case."""
+    folder = shared_dir / GOLDEN
+    with np.load(folder / f"{name}.npz") as npz:
+        arrays = {key: npz[key] for key in npz.files}
+    return json.loads((folder / f"{name}.json").read_text()), arrays
+
+
+def golden_noise(shared_dir: Path, name: str, chunks: int) -> tuple[list[list[np.ndarray]], list[np.ndarray]]:
+    """The recorded SNAC noise vectors (per chunk, per decoder block) and the PCM made with them."""
+    with np.load(shared_dir / GOLDEN / f"{name}_rngnoise.npz") as npz:
+        noise = [[npz[f"noise_chunk{i}_block{b}"] for b in range(4)] for i in range(chunks)]
+        pcm = [npz[f"pcm_chunk{i}"] for i in range(chunks)]
+    return noise, pcm
+
+
+def golden_steps(golden: dict) -> list[tuple[int, ...]]:
+    """The reference's 7 audio output lists, as one 7-tuple per step."""
+    lists = golden["list_output"][:7]
+    return [tuple(layer[k] for layer in lists) for k in range(len(lists[0]))]
+
+
+def pcm(piece: bytes) -> np.ndarray:
+    return np.frombuffer(piece, dtype="<i2").astype(np.int32)
