@@ -1,0 +1,254 @@
+"""omni-voice-chat: talk in the browser, hear a speech-to-speech model answer, turn after turn.
+
+UI and wiring only. The logic lives in state.py (one conversation's phases), vad.py (when a turn ends),
+replying.py (one reply, streamed), backend.py (the model server) and history.py / audio_files.py.
+
+Microphone control. Gradio 6 reads a streaming microphone's `recording` prop only when it mounts, so a
+handler cannot switch it off or on by returning `gr.Audio(recording=...)`. Handlers therefore write a
+never-repeating command ("stop:7", "record:8") into a hidden textbox, and that textbox's change event runs a
+line of JavaScript that clicks the microphone's own stop or record button, as the user would.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: it reads this once
+
+import argparse  # noqa: E402
+import atexit  # noqa: E402
+import itertools  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
+
+import omni_client  # noqa: E402
+
+from audio_files import TurnFiles  # noqa: E402
+from backend import Backend  # noqa: E402
+from replying import LISTENING_STATUS, ReplySettings, answer, file_reply, file_user_turn, whole_reply  # noqa: E402
+from state import Conversation, MicAction  # noqa: E402
+from vad import AudioInputError, VadOptions  # noqa: E402
+
+# Seconds of microphone audio per chunk sent to the server. Shorter ends turns sooner (the pause is noticed
+# at the next chunk boundary) at the cost of more requests; see the pause-detection trade-off in README.md.
+STREAM_EVERY_S = 0.5
+DEFAULT_VAD = VadOptions()
+
+MIC_COMMAND_JS = """
+(command) => {
+    const action = (command || "").split(":")[0];
+    const selector = {stop: "#mic .stop-button", record: "#mic .record-button"}[action];
+    const button = selector && document.querySelector(selector);
+    if (button) button.click();
+}
+"""
+
+SILENCE_REPLY_JS = "() => { document.querySelector('#reply audio')?.pause(); }"
+
+WELCOME = "Click **Record** on the microphone and speak; the answer plays when you pause."
+
+
+@dataclass
+class Session:
+    """One browser tab: its conversation and its audio files (deleted when Gradio drops the tab's state)."""
+
+    conversation: Conversation = field(default_factory=Conversation)
+    files: TurnFiles = field(default_factory=TurnFiles)
+
+    def close(self) -> None:
+        reply = self.conversation.stop()
+        if reply is not None:
+            reply.cancel.set()
+        self.files.delete()
+
+
+def new_session() -> Session:
+    """gr.State calls this for each new tab (a dataclass type itself would be mistaken for a value)."""
+    return Session()
+
+
+class Handlers:
+    """The page's event handlers. Plain methods, so tests call them directly without a browser."""
+
+    def __init__(self, backend: Backend, settings: ReplySettings = ReplySettings()) -> None:
+        self.backend = backend
+        self.settings = settings
+        self._api_files: TurnFiles | None = None
+        self._api_lock = threading.Lock()
+        self._api_replies = itertools.count(1)
+
+    def page_loaded(self) -> tuple[str, str, gr.Timer]:
+        self.backend.start()
+        return self._idle_status(), self.backend.status_line(), gr.Timer(active=not self.backend.ready)
+
+    def server_tick(self, session: Session) -> tuple[object, str, gr.Timer]:
+        """While the server loads, keep the (idle) page's status line on its progress."""
+        idle = session.conversation.phase.value in ("idle", "stopped")
+        status = self._idle_status() if idle else gr.skip()
+        return status, self.backend.status_line(), gr.Timer(active=not self.backend.ready)
+
+    def recording_started(self, session: Session, pause_secs: float, start_secs: float) -> object:
+        options = VadOptions(pause_secs=float(pause_secs), start_secs=float(start_secs))
+        if not session.conversation.listen(options):
+            return gr.skip()
+        return LISTENING_STATUS
+
+    def chunk(self, chunk: tuple[int, np.ndarray] | None, session: Session) -> tuple[object, object, object]:
+        """One microphone chunk. At the end of a turn: file the user's audio and stop the microphone."""
+        conversation = session.conversation
+        if chunk is None:
+            return gr.skip(), gr.skip(), gr.skip()
+        try:
+            heard = conversation.hear(*chunk)
+        except AudioInputError as error:
+            conversation.stop_listening()
+            gr.Warning(str(error))
+            return gr.skip(), f"{error} The microphone was switched off.", conversation.mic_command(MicAction.STOP)
+        if heard is None:
+            return gr.skip(), gr.skip(), gr.skip()
+        file_user_turn(conversation, heard, session.files)
+        status = f"Thinking… ({heard.utterance.duration_s:.1f} s of speech heard)"
+        return list(conversation.history), status, conversation.mic_command(MicAction.STOP)
+
+    def recording_stopped(self, session: Session) -> Iterator[tuple[object, object, object, object]]:
+        """The microphone stopped: answer the heard turn (streaming the reply), or just idle if the user
+        switched it off themselves."""
+        conversation = session.conversation
+        reply = conversation.start_reply()
+        if reply is None:
+            if conversation.stop_listening():
+                yield gr.skip(), gr.skip(), "Microphone off. Click **Record** to talk.", gr.skip()
+            return
+        for step in answer(conversation, reply, self.backend, session.files, self.settings):
+            if reply.cancel.is_set():
+                return  # Stopped: the Stop handler has the last word on the page
+            if step.warning:
+                gr.Warning(step.warning)
+            yield (
+                step.audio if step.audio is not None else gr.skip(),
+                list(conversation.history) if step.history_changed else gr.skip(),
+                step.status if step.status is not None else gr.skip(),
+                conversation.mic_command(MicAction.RECORD) if step.rearm_mic else gr.skip(),
+            )
+
+    def playback_ended(self, session: Session) -> tuple[object, object]:
+        conversation = session.conversation
+        if not conversation.playback_ended():
+            return gr.skip(), gr.skip()
+        return LISTENING_STATUS, conversation.mic_command(MicAction.RECORD)
+
+    def stop(self, session: Session) -> tuple[object, object, str, str]:
+        """Stop the conversation: cancel a reply in flight, keep everything heard and said so far."""
+        conversation = session.conversation
+        reply = conversation.stop()
+        if reply is not None:
+            file_reply(conversation, reply, session.files, outcome="stopped")
+        status = "Stopped. Click **Record** to talk again."
+        return None, list(conversation.history), status, conversation.mic_command(MicAction.STOP)
+
+    def api_chat(self, audio: tuple[int, np.ndarray] | None) -> tuple[str | None, str]:
+        """For programs: a whole spoken turn in, the whole spoken reply (MP3) and its text out."""
+        if audio is None:
+            raise gr.Error("Send an audio file with the question.")
+        try:
+            mp3, text = whole_reply(self.backend, *audio, self._next_api_mp3, self.settings)
+        except omni_client.ReplyError as error:
+            raise gr.Error(error.message) from error
+        except AudioInputError as error:
+            raise gr.Error(str(error)) from error
+        return (str(mp3) if mp3 is not None else None), text
+
+    def _next_api_mp3(self) -> Path:
+        with self._api_lock:
+            if self._api_files is None:
+                self._api_files = TurnFiles()
+            return self._api_files.folder / f"api-reply-{next(self._api_replies):05d}.mp3"
+
+    def _idle_status(self) -> str:
+        if not self.backend.ready:
+            return self.backend.status_line()
+        return f"{WELCOME} ({self.backend.description})"
+
+
+def build_demo(handlers: Handlers) -> gr.Blocks:
+    with gr.Blocks(title="omni-voice-chat", analytics_enabled=False) as demo:
+        session = gr.State(new_session, delete_callback=Session.close)
+        gr.Markdown("# omni-voice-chat\nTalk, pause, and hear the model answer. It listens again after each reply.")
+        with gr.Row():
+            with gr.Column(scale=2):
+                mic = gr.Audio(sources=["microphone"], streaming=True, label="Your microphone", elem_id="mic")
+                reply = gr.Audio(streaming=True, autoplay=True, label="Reply", elem_id="reply", interactive=False)
+                status = gr.Markdown(WELCOME, elem_id="status")
+                stop = gr.Button("Stop conversation", variant="stop", elem_id="stop")
+                with gr.Accordion("Turn options and server", open=False):
+                    pause_secs = gr.Slider(0.3, 2.0, value=DEFAULT_VAD.pause_secs, step=0.05,
+                                           label="Pause that ends your turn (seconds)")
+                    start_secs = gr.Slider(0.1, 1.0, value=DEFAULT_VAD.start_secs, step=0.05,
+                                           label="Speech needed to start a turn (seconds)")
+                    server_info = gr.Markdown(elem_id="server")
+            with gr.Column(scale=3):
+                chatbot = gr.Chatbot(label="Conversation", elem_id="chatbot", height=520)
+        mic_command = gr.Textbox(visible="hidden", elem_id="mic-command")
+        server_timer = gr.Timer(1.0, active=True)
+
+        demo.load(handlers.page_loaded, None, [status, server_info, server_timer], api_visibility="private")
+        server_timer.tick(handlers.server_tick, [session], [status, server_info, server_timer],
+                          api_visibility="private", show_progress="hidden")
+        mic_command.change(None, [mic_command], None, js=MIC_COMMAND_JS)
+        mic.start_recording(handlers.recording_started, [session, pause_secs, start_secs], [status],
+                            api_visibility="private", show_progress="hidden")
+        mic.stream(handlers.chunk, [mic, session], [chatbot, status, mic_command], stream_every=STREAM_EVERY_S,
+                   concurrency_limit=None, api_visibility="private", show_progress="hidden",
+                   show_progress_on=[mic_command])
+        answering = mic.stop_recording(handlers.recording_stopped, [session], [reply, chatbot, status, mic_command],
+                                       concurrency_limit=None, api_visibility="private", show_progress="hidden")
+        reply.stop(handlers.playback_ended, [session], [status, mic_command], api_visibility="private",
+                   show_progress="hidden")
+        stop.click(None, None, None, js=SILENCE_REPLY_JS)  # at once, in the browser: Stop means quiet
+        stop.click(handlers.stop, [session], [reply, chatbot, status, mic_command], cancels=[answering],
+                   api_visibility="private", show_progress="hidden")
+
+        api_question = gr.Audio(type="numpy", visible=False)
+        api_answer = gr.Audio(type="filepath", visible=False)
+        api_text = gr.Textbox(visible=False)
+        api_trigger = gr.Button(visible=False)
+        api_trigger.click(handlers.api_chat, [api_question], [api_answer, api_text], api_name="chat",
+                          api_description="Send a spoken question (an audio file); get the spoken reply (MP3) "
+                                          "and its text (empty when the server sends none).")
+    return demo
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="omni-voice-chat: a voice chat with a speech-to-speech model.")
+    parser.add_argument("--server-url", default=os.environ.get("OMNI_SERVER_URL") or None,
+                        help="use this running mini-omni-compatible server instead of launching one "
+                             "(env OMNI_SERVER_URL)")
+    parser.add_argument("--engine", choices=["auto", "echo", "mini-omni"], default=os.environ.get("OMNI_ENGINE", "auto"),
+                        help="engine of the launched server: auto (mini-omni when a checkpoint can be had, "
+                             "else echo), echo or mini-omni (env OMNI_ENGINE)")
+    parser.add_argument("--checkpoint-dir", type=Path, default=Path(os.environ.get("OMNI_CHECKPOINT_DIR", "checkpoint")),
+                        help="mini-omni checkpoint directory (default ./checkpoint; env OMNI_CHECKPOINT_DIR)")
+    return parser.parse_args(argv)
+
+
+SETTINGS = parse_args(sys.argv[1:] if __name__ == "__main__" else [])
+backend = Backend(server_url=SETTINGS.server_url, engine=SETTINGS.engine, checkpoint_dir=SETTINGS.checkpoint_dir)
+demo = build_demo(Handlers(backend))
+
+
+def main() -> None:
+    atexit.register(backend.close)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so atexit stops the launched server
+    backend.start()
+    demo.queue(default_concurrency_limit=4).launch()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""A real Chromium talking to the real app (`python app.py --engine echo`) through its fake microphone.
+
+Shared by tests/test_browser.py and bench/reply_path.py. Two facts about Chromium's fake microphone shape it:
+- it plays the WAV file in real time, but restarts the file at every getUserMedia, and the app re-arms the
+  microphone (a new getUserMedia) after each reply. A real microphone hears the room in real time whether the
+  page records or not; to get that, the page keeps one clone of the first microphone track alive, which keeps
+  the device open, so the file plays on from where it was (the app still gets and stops its own tracks);
+- `page.evaluate` counts as a user gesture, so the only interactions here are real clicks, and the browser
+  runs without `--autoplay-policy=no-user-gesture-required`: the reply must autoplay because the user
+  clicked Record, as in a real browser.
+Every request the page makes is recorded, so a test can prove nothing leaves 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run", "--use-fake-ui-for-media-stream",
+    "--use-fake-device-for-media-stream",
+]
+
+# Keeps the microphone device open (see above), and timestamps what the test needs on the page's clock.
+PAGE_INIT_SCRIPT = """
+(() => {
+    window.__mic = {firstOpenedAt: null, opens: 0};
+    window.__reply = [];
+    const open = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
+    navigator.mediaDevices.getUserMedia = async (constraints) => {
+        const stream = await open(constraints);
+        window.__mic.opens += 1;
+        if (window.__mic.firstOpenedAt === null) {
+            window.__mic.firstOpenedAt = performance.now() / 1000;
+            window.__mic.room = stream.clone();
+        }
+        return stream;
+    };
+    for (const type of ["play", "playing", "ended", "pause"]) {
+        document.addEventListener(type, (event) => {
+            if (event.target.closest && event.target.closest("#reply"))
+                window.__reply.push({type, at: performance.now() / 1000, position: event.target.currentTime});
+        }, true);
+    }
+})();
+"""
+
+
+def browser_tools_missing() -> str | None:
+    """Why a browser test cannot run here, or None."""
+    if not Path(CHROMIUM).exists():
+        return f"{CHROMIUM} is not installed"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "playwright is not installed"
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def running_app(log_path: Path, *extra_args: str, timeout_s: float = 90.0) -> Iterator[str]:
+    """`python app.py --engine echo` on 127.0.0.1 and a free port; yields its URL once the page is served."""
+    port = free_port()
+    env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
+           "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([sys.executable, "app.py", "--engine", "echo", *extra_args], cwd=REPO_ROOT,
+                                   env=env, stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                if process.poll() is not None:
+                    raise RuntimeError(f"app.py exited with {process.returncode}; see {log_path}")
+                try:
+                    urllib.request.urlopen(url, timeout=2).read()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"app.py did not serve {url} within {timeout_s} s; see {log_path}")
+                    time.sleep(0.3)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@dataclass
+class PageRecord:
+    requests: list[str] = field(default_factory=list)
+    console: list[str] = field(default_factory=list)
+
+    def foreign_requests(self) -> list[str]:
+        """Requests to anything but 127.0.0.1 (blob: and data: URLs stay in the page)."""
+        return [url for url in self.requests
+                if urlparse(url).scheme in ("http", "https", "ws", "wss") and urlparse(url).hostname != "127.0.0.1"]
+
+
+@contextmanager
+def chromium_page(microphone_wav: Path) -> Iterator[tuple[object, PageRecord]]:
+    from playwright.sync_api import sync_playwright
+
+    record = PageRecord()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=[*CHROMIUM_FLAGS, f"--use-file-for-fake-audio-capture={microphone_wav}"],
+        )
+        try:
+            context = browser.new_context(permissions=["microphone"], viewport={"width": 1280, "height": 900})
+            context.add_init_script(PAGE_INIT_SCRIPT)
+            page = context.new_page()
+            page.on("request", lambda request: record.requests.append(request.url))
+            page.on("console", lambda message: record.console.append(message.text))
+            yield page, record
+        finally:
+            browser.close()
+
+
+def page_clock(page: object) -> float:
+    return page.evaluate("performance.now() / 1000")  # type: ignore[attr-defined]
+
+
+def wait_for(page: object, condition_js: str, timeout_s: float, what: str) -> float:
+    """Poll a JS condition (no gesture: evaluate only reads); return the page-clock time it became true."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if page.evaluate(f"() => Boolean({condition_js})"):  # type: ignore[attr-defined]
+            return page_clock(page)
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+MIC_RECORDING = "document.querySelector('#mic .stop-button')"
+MIC_OFF = "document.querySelector('#mic .record-button')"
+
+
+def reply_events(page: object, kind: str) -> list[dict]:
+    return [event for event in page.evaluate("window.__reply") if event["type"] == kind]  # type: ignore[attr-defined]
+
+
+def mic_opened_at(page: object) -> float:
+    return page.evaluate("window.__mic.firstOpenedAt")  # type: ignore[attr-defined]
