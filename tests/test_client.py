@@ -3,8 +3,8 @@ and `python -m omni_server` launched by LocalServer. Every failure must arrive a
 
 from __future__ import annotations
 
+import base64
 import io
-import json
 import socket
 import threading
 import time
@@ -190,7 +190,7 @@ def test_reference_stream_is_read_whole_in_small_pieces_and_the_request_is_the_r
     assert_well_formed(events)
     request = server.bodies[0]
     assert set(request) == {"audio", "stream_text"}  # stream_text is ignored by the reference (other keys are)
-    assert __import__("base64").b64decode(request["audio"]) == WAV
+    assert base64.b64decode(request["audio"]) == WAV
 
 
 def test_reference_first_bytes_are_handed_on_without_waiting_for_more() -> None:
