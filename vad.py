@@ -12,19 +12,16 @@ runs window by window. The probabilities equal the stock one-window-at-a-time mo
 fraction of the CPU, and the cost per audio second does not grow with the length of the utterance.
 
 Threads: `import silero_vad` calls `torch.set_num_threads(1)` for the whole process. This module restores the
-thread count that was set before, so importing it does not slow other torch models in the app. The detector's
-own batches are too small to share across threads (extra threads only spin: measured 3-15x the CPU on a busy
-2-core machine), so each model call runs with one thread and puts the count back afterwards. Off the main thread
-(Gradio runs handlers in worker threads) torch's count is per thread, so this does not touch other threads.
+thread count that was set before, so importing it does not slow other torch models in the app. The model calls
+themselves run on one dedicated thread set to a single torch thread (see `_model_thread`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import functools
 import math
-from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -142,16 +139,17 @@ def _silero_parts() -> _SileroParts:
     return _SileroParts(network=network, lstm=lstm.eval())
 
 
-@contextlib.contextmanager
-def _one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    if before != 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if before != 1:
-            torch.set_num_threads(before)
+@functools.cache
+def _model_thread() -> ThreadPoolExecutor:
+    """The one thread that runs every detector's model calls, with torch set to one intra-op thread there.
+
+    silero's batches are too small to share across threads (extra threads only spin: 3-15x the CPU on a busy
+    2-core machine), and torch's thread count is per thread once set off the main thread, so setting it here
+    touches nothing else. Switching it back and forth around each call instead would cost about 0.5 ms a call
+    (torch clears its oneDNN cache on every change). One thread serves many sessions: a 0.5 s chunk takes
+    about 1.5 ms.
+    """
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="vad-model", initializer=torch.set_num_threads, initargs=(1,))
 
 
 class SpeechScorer:
@@ -177,13 +175,20 @@ class SpeechScorer:
         with_context = np.concatenate([self._context, samples[: count * WINDOW_SAMPLES]])
         frames = np.lib.stride_tricks.sliding_window_view(with_context, _CONTEXT_SAMPLES + WINDOW_SAMPLES)
         frames = np.ascontiguousarray(frames[::WINDOW_SAMPLES])
-        with torch.inference_mode(), _one_torch_thread():
-            network = self._parts.network
-            features = network.encoder(network.run_extractors(torch.from_numpy(frames)))  # (count, 128, 1)
-            hidden, self._lstm_state = self._parts.lstm(features.reshape(count, 1, -1), self._lstm_state)
-            probabilities = network.decoder.decoder(hidden.reshape(count, -1, 1)).reshape(count)
+        probabilities, self._lstm_state = _model_thread().submit(self._run, frames, self._lstm_state).result()
         self._context = with_context[-_CONTEXT_SAMPLES:].copy()
-        return probabilities.numpy()
+        return probabilities
+
+    def _run(
+        self, frames: np.ndarray, lstm_state: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[np.ndarray, tuple[torch.Tensor, torch.Tensor]]:
+        count = len(frames)
+        network = self._parts.network
+        with torch.inference_mode():
+            features = network.encoder(network.run_extractors(torch.from_numpy(frames)))  # (count, 128, 1)
+            hidden, lstm_state = self._parts.lstm(features.reshape(count, 1, -1), lstm_state)
+            probabilities = network.decoder.decoder(hidden.reshape(count, -1, 1)).reshape(count)
+        return probabilities.numpy(), lstm_state
 
 
 def to_mono_float(samples: np.ndarray) -> np.ndarray:

@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import soxr
 import torch
 
 import vad
@@ -182,6 +183,20 @@ def test_other_rates_find_the_turn(detector: PauseDetector, rate: int) -> None:
     audio = join(silence(1.0, rate), phrase(SECOND_QUESTION, rate=rate), silence(1.5, rate))
     turns = turns_in_recording(rate, audio, CHUNK_SECS, detector)
     assert len(turns) == 1 and turns[0].utterance.reason is TurnEndReason.PAUSE
+
+
+def test_a_rate_change_mid_turn_keeps_the_turn(detector: PauseDetector, question: np.ndarray) -> None:
+    """A microphone switched mid-turn: the resampler is flushed and replaced, and the turn goes on."""
+    audio = join(silence(1.0), question, silence(2.0))
+    half = len(audio) // 2
+    first = soxr.resample(audio[:half], RATE, 48_000)
+    detector.reset()
+    found = [detector.feed(48_000, first[i : i + 24_000]) for i in range(0, len(first), 24_000)]
+    found += [detector.feed(RATE, audio[i : i + 8000]) for i in range(half, len(audio), 8000)]
+    utterances = [u for u in found if u is not None]
+    assert len(utterances) == 1
+    onset, speech_end = voiced_span(question, 1.0)
+    assert utterances[0].start_s <= onset and utterances[0].speech_end_s >= speech_end - 0.1
 
 
 def test_silence_and_empty_chunks_never_make_a_turn(detector: PauseDetector) -> None:
