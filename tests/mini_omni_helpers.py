@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import wave
 from pathlib import Path
 
@@ -42,6 +43,12 @@ def word_tokenizer(path: Path, vocab_size: int = 151_936) -> Path:
     tokenizer.add_special_tokens([AddedToken("<|endoftext|>", special=True)])
     tokenizer.save(str(path))
     return path
+
+
+def chirp_audio(seconds: float = 1.7, rate: int = 16_000) -> np.ndarray:
+    """A warbling tone: synthetic, so a tiny recipe model's tokens are the same on every machine."""
+    t = np.arange(int(seconds * rate)) / rate
+    return (0.3 * np.sin(2 * math.pi * (200 + 150 * t) * t) * np.sin(2 * math.pi * 3 * t)).astype(np.float32)
 
 
 def read_wav(path: Path) -> np.ndarray:

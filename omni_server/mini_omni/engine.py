@@ -1,0 +1,177 @@
+"""The mini-omni engine behind the server: the model's steps → streamed PCM pieces and text pieces.
+
+Two decode modes share the model's tokens and the reference's piece schedule (SPEC §10.4, a piece whenever
+`stream_stride` new frames are complete):
+
+- `default`: seamless pieces (left context, held-back right edge), the tail sent, rounded and clipped
+  samples, SNAC noise seeded from the request's audio, so the same request gives the same reply;
+- `reference`: the reference's bytes exactly (independent windows, truncation, dropped tail, the package's
+  global-RNG noise).
+
+A frame holding a special audio id (which would crash SNAC in the reference) ends the reply cleanly.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import logging
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from omni_server.engine import (
+    INPUT_SAMPLE_RATE,
+    MAX_INPUT_SECONDS,
+    AudioPiece,
+    ChatRequest,
+    ProgressCallback,
+    ReplyPiece,
+    RequestRejected,
+    TextPiece,
+)
+from omni_server.mini_omni.checkpoint import locate
+from omni_server.mini_omni.codec import (
+    AudioStreamer,
+    GlobalRngNoise,
+    Noise,
+    ReferenceStreamer,
+    SeamlessStreamer,
+    SeededNoise,
+    SnacCodec,
+    derive_seed,
+)
+from omni_server.mini_omni.config import AUDIO_LAYERS
+from omni_server.mini_omni.generate import generate_steps, max_tokens_error, prompt_length
+from omni_server.mini_omni.gpt import MiniOmniModel
+from omni_server.mini_omni.text import TextStreamer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+MAX_STREAM_STRIDE = 64  # frames per piece: 5.5 s of audio; more only delays the first sound
+WARM_UP_SECONDS = 1.0
+
+
+class DecodeMode(str, enum.Enum):
+    DEFAULT = "default"
+    REFERENCE = "reference"
+
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def pick_device(device: str | None) -> torch.device:
+    """CUDA when available, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """bf16 on CUDA, fp32 (the exact mode) on the CPU, unless asked otherwise."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return _DTYPES[dtype.lower()]
+    except KeyError:
+        raise ValueError(f"unsupported dtype {dtype!r}: use fp32 or bf16") from None
+
+
+def first_piece_steps(mode: DecodeMode, stride: int) -> int:
+    """Decode iterations after the prefill before audio can come: the first window (reference) or frame."""
+    frames = stride if mode is DecodeMode.REFERENCE else 1
+    return AUDIO_LAYERS - 1 + frames
+
+
+def request_seed(request: ChatRequest) -> int:
+    """The SNAC noise seed of a request: a function of its audio only, so a repeated turn sounds the same."""
+    digest = hashlib.sha256(np.ascontiguousarray(request.audio, dtype=np.float32).tobytes()).hexdigest()
+    return derive_seed(f"mini-omni-noise:{digest}")
+
+
+class MiniOmniEngine:
+    """mini-omni (clean-room, SPEC-built) as an `omni_server.engine.Engine`."""
+
+    name = "mini-omni"
+
+    def __init__(
+        self,
+        checkpoint_dir: Path | None,
+        device: str | None = None,
+        dtype: str | None = None,
+        mode: str = "default",
+    ) -> None:
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        self.mode = DecodeMode(mode)
+        self._model: MiniOmniModel | None = None
+        self._codec: SnacCodec | None = None
+        self._tokenizer = None
+        self._lock = threading.Lock()  # one reply at a time: the model and codec hold per-call state
+
+    def load(self, progress: ProgressCallback) -> None:
+        files = locate(self.checkpoint_dir, progress)
+        progress("loading weights")
+        self._model = MiniOmniModel.load(files.gpt, files.config, files.whisper, str(self.device), self.dtype)
+        self._codec = SnacCodec.load(files.snac, self.device)
+        self._tokenizer = load_tokenizer(files.tokenizer)
+        progress("warming up")
+        self.warm_up()
+        progress("ready")
+
+    def warm_up(self) -> None:
+        """One short reply (whisper, prefill, steps up to the first piece, SNAC), as the reference does."""
+        audio = 0.01 * np.sin(np.arange(int(WARM_UP_SECONDS * INPUT_SAMPLE_RATE)) * 0.05).astype(np.float32)
+        stride = 1
+        max_tokens = prompt_length(audio) + 1 + first_piece_steps(DecodeMode.REFERENCE, stride)
+        for _ in self.generate(ChatRequest(audio=audio, stream_stride=stride, max_tokens=max_tokens)):
+            pass
+
+    def check(self, request: ChatRequest) -> None:
+        stride, max_tokens = request.stream_stride, request.max_tokens
+        if not 1 <= stride <= MAX_STREAM_STRIDE:
+            raise RequestRejected(f"stream_stride must be between 1 and {MAX_STREAM_STRIDE}, got {stride}")
+        if len(request.audio) > MAX_INPUT_SECONDS * INPUT_SAMPLE_RATE:
+            raise RequestRejected(f"audio is longer than {MAX_INPUT_SECONDS:g} s")
+        prompt = prompt_length(request.audio)
+        problem = max_tokens_error(prompt, max_tokens)
+        if problem:
+            raise RequestRejected(problem)
+        # max_tokens counts the prompt (T positions) and the prefill's output; the rest are decode steps.
+        needed = prompt + 1 + first_piece_steps(self.mode, stride)
+        if max_tokens < needed:
+            raise RequestRejected(
+                f"max_tokens {max_tokens} leaves no room for audio: this {prompt}-position prompt needs "
+                f"max_tokens >= {needed} at stream_stride {stride}"
+            )
+
+    def generate(self, request: ChatRequest, *, noise: Noise | None = None) -> Iterator[ReplyPiece]:
+        """Stream the reply; `noise` overrides the mode's SNAC noise (tests replay recorded noise with it)."""
+        if self._model is None or self._codec is None:
+            raise RuntimeError("the mini-omni engine is not loaded")
+        self.check(request)
+        with self._lock:
+            audio = self._streamer(request, noise)
+            text = TextStreamer(self._tokenizer) if request.stream_text else None
+            for step in generate_steps(self._model, request.audio, request.max_tokens):
+                if text is not None and (piece := text.push(step.text)):
+                    yield TextPiece(piece)
+                for pcm in audio.push(step.audio):
+                    yield AudioPiece(pcm)
+                if audio.stopped:
+                    log.warning("a special audio id reached a SNAC frame at step %d: the reply ends", step.index)
+                    break
+            for pcm in audio.finish():
+                yield AudioPiece(pcm)
+            if text is not None and (piece := text.flush()):
+                yield TextPiece(piece)
+
+    def _streamer(self, request: ChatRequest, noise: Noise | None) -> AudioStreamer:
+        assert self._codec is not None
+        if self.mode is DecodeMode.REFERENCE:
+            return ReferenceStreamer(self._codec, request.stream_stride, noise or GlobalRngNoise())
+        return SeamlessStreamer(self._codec, request.stream_stride, noise or SeededNoise(request_seed(request)))

@@ -1,0 +1,262 @@
+"""The mini-omni engine end to end: checkpoint files → model → PCM and text pieces, in both decode modes.
+
+Golden case A (needs ../shared): reference mode reproduces every PCM piece of the reference at strides 4
+and 5 (SNAC noise zero, and the recorded noise replayed). The rest builds a tiny recipe checkpoint in a
+temporary folder and always runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from omni_server.engine import AudioPiece, ChatRequest, RequestRejected, TextPiece
+from omni_server.mini_omni import recipe
+from omni_server.mini_omni.checkpoint import CheckpointError, download_verified, locate
+from omni_server.mini_omni.codec import (
+    FRAME_SAMPLES,
+    FrameAssembler,
+    GivenNoise,
+    SeededNoise,
+    ZeroNoise,
+    frame_codes,
+    pcm_reference,
+    pcm_rounded,
+)
+from omni_server.mini_omni.config import EOT, WHISPER_TINY, GPTConfig
+from omni_server.mini_omni.engine import MiniOmniEngine, pick_dtype, request_seed
+from omni_server.mini_omni.generate import generate_steps, prompt_length
+from omni_server.mini_omni.text import load_tokenizer
+from tests.mini_omni_helpers import GOLDEN, chirp_audio, golden_noise, load_golden, pcm, read_wav, word_tokenizer
+
+TINY = GPTConfig(
+    name="mini-omni-tiny-test", n_layer=2, n_head=4, head_size=16, n_embd=64, n_query_groups=2,
+    intermediate_size=128, whisper_adapter_dim=384,
+)  # fmt: skip
+TINY_SEED = 1234
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The CI machine has 2 shared cores; one intra-op thread is several times faster when they are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_tiny_checkpoint(directory: Path, config: GPTConfig) -> Path:
+    recipe.write_checkpoint(directory, config, WHISPER_TINY, TINY_SEED)
+    word_tokenizer(directory / "tokenizer.json")
+    return directory
+
+
+def load_engine(directory: Path, mode: str) -> tuple[MiniOmniEngine, list[str]]:
+    engine = MiniOmniEngine(directory, device="cpu", mode=mode)
+    progress: list[str] = []
+    engine.load(progress.append)
+    return engine, progress
+
+
+def reply(engine: MiniOmniEngine, request: ChatRequest, **kwargs) -> tuple[list[bytes], str]:
+    engine.check(request)
+    audio, text = [], []
+    for piece in engine.generate(request, **kwargs):
+        if isinstance(piece, AudioPiece):
+            audio.append(piece.pcm)
+        else:
+            assert isinstance(piece, TextPiece)
+            text.append(piece.text)
+    return audio, "".join(text)
+
+
+def all_frames(engine: MiniOmniEngine, request: ChatRequest) -> list[tuple[int, ...]]:
+    frames = FrameAssembler()
+    for step in generate_steps(engine._model, request.audio, request.max_tokens):
+        frames.push(step.audio)
+    return frames.frames(0, len(frames))
+
+
+# ------------------------------------------------------------------------------------ golden case A
+
+
+@pytest.fixture(scope="module")
+def golden_engine(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> MiniOmniEngine:
+    config = GPTConfig.from_yaml(shared_dir / GOLDEN / "golden_A_model_config.yaml")
+    engine, _ = load_engine(write_tiny_checkpoint(tmp_path_factory.mktemp("golden-a"), config), "reference")
+    return engine
+
+
+@pytest.fixture(scope="module")
+def output1(shared_dir: Path) -> np.ndarray:
+    golden, _ = load_golden(shared_dir, "golden_A")
+    audio = read_wav(shared_dir / GOLDEN / golden["meta"]["wav"])
+    assert hashlib.sha256(audio.tobytes()).hexdigest() == golden["input"]["audio_f32_sha256"]
+    return audio
+
+
+@pytest.mark.parametrize(("case", "stride"), [("golden_A", 4), ("golden_A_stride5", 5)])
+def test_reference_mode_reproduces_golden_a(shared_dir, golden_engine, output1, case: str, stride: int) -> None:
+    golden, arrays = load_golden(shared_dir, case)
+    request = ChatRequest(audio=output1, stream_stride=stride, max_tokens=golden["meta"]["max_tokens"], stream_text=True)
+
+    frames = all_frames(golden_engine, request)
+    assert len(frames) == golden["frames_complete"]
+    for chunk in golden["chunks"]:
+        first, last = chunk["frames"]
+        assert frame_codes(frames[first : last + 1]) == chunk["codes"]
+
+    pieces, text = reply(golden_engine, request, noise=ZeroNoise())
+    assert len(pieces) == len(golden["chunks"])
+    for i, piece in enumerate(pieces):
+        assert np.abs(pcm(piece) - arrays[f"pcm_chunk{i}"]).max() <= 1, f"chunk {i}"
+    spoken = [t for t in golden["text_token_ids"] if t < EOT]
+    assert text == load_tokenizer(golden_engine.checkpoint_dir / "tokenizer.json").decode(spoken)
+
+    noise, noisy = golden_noise(shared_dir, case, len(pieces))
+    pieces, _ = reply(golden_engine, request, noise=GivenNoise(noise))
+    assert len(pieces) == len(noisy)
+    for i, piece in enumerate(pieces):
+        assert np.abs(pcm(piece) - noisy[i]).max() <= 1, f"chunk {i} with the recorded noise"
+
+
+def test_reference_mode_max_tokens_120_gives_the_first_three_golden_chunks(shared_dir, golden_engine, output1) -> None:
+    """http_golden_A.json: max_tokens 120 → 18 iterations, 49,152 bytes, the first 3 golden chunks."""
+    _, arrays = load_golden(shared_dir, "golden_A")
+    pieces, _ = reply(golden_engine, ChatRequest(audio=output1, max_tokens=120), noise=ZeroNoise())
+    assert len(b"".join(pieces)) == 49_152
+    for i, piece in enumerate(pieces):
+        assert np.abs(pcm(piece) - arrays[f"pcm_chunk{i}"]).max() <= 1
+
+
+# ------------------------------------------------------------------------------ tiny checkpoint (always)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-engine"), TINY)
+
+
+@pytest.fixture(scope="module")
+def default_engine(tiny_dir: Path) -> MiniOmniEngine:
+    engine, progress = load_engine(tiny_dir, "default")
+    assert progress == ["loading weights", "warming up", "ready"]
+    return engine
+
+
+@pytest.fixture(scope="module")
+def reference_engine(tiny_dir: Path) -> MiniOmniEngine:
+    return load_engine(tiny_dir, "reference")[0]
+
+
+@pytest.fixture(scope="module")
+def chirp() -> np.ndarray:
+    return chirp_audio()
+
+
+@pytest.fixture(scope="module")
+def request_30(chirp: np.ndarray) -> ChatRequest:
+    """The prefill and at most 29 decode steps: 30 steps make 23 frames, so stride 4 leaves a 3-frame tail."""
+    return ChatRequest(audio=chirp, stream_stride=4, max_tokens=prompt_length(chirp) + 1 + 29, stream_text=True)
+
+
+def test_default_mode_sends_the_whole_reply_without_seams(default_engine, request_30) -> None:
+    frames = all_frames(default_engine, request_30)
+    assert len(frames) % 4, "the test needs a tail that the reference would drop"
+    pieces, text = reply(default_engine, request_30)
+    joined = pcm(b"".join(pieces))
+    assert len(joined) == len(frames) * FRAME_SAMPLES  # tail frames included
+    whole = pcm(pcm_rounded(default_engine._codec.decode(frames, 0, SeededNoise(request_seed(request_30)))))
+    assert np.abs(joined - whole).max() <= 1
+    assert len(pieces) == len(frames) // 4 + 1  # one per window, on the reference's schedule, and the tail
+
+    steps = list(generate_steps(default_engine._model, request_30.audio, request_30.max_tokens))
+    expected = load_tokenizer(default_engine.checkpoint_dir / "tokenizer.json").decode([s.text for s in steps if s.text < EOT])
+    assert text == expected and len(text) > 20
+
+
+def test_reference_mode_drops_the_tail_and_decodes_windows_alone(reference_engine, request_30) -> None:
+    frames = all_frames(reference_engine, request_30)
+    pieces, _ = reply(reference_engine, request_30, noise=ZeroNoise())
+    assert len(pieces) == len(frames) // 4
+    for i, piece in enumerate(pieces):
+        alone = reference_engine._codec.decode(frames[4 * i : 4 * i + 4], 4 * i, ZeroNoise())
+        assert piece == pcm_reference(alone)
+
+
+def test_default_noise_is_reproducible_per_request(default_engine, request_30, chirp) -> None:
+    state = torch.random.get_rng_state()
+    first, _ = reply(default_engine, request_30)
+    again, _ = reply(default_engine, request_30)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert first == again
+    louder = ChatRequest(audio=chirp * 0.5, stream_stride=4, max_tokens=request_30.max_tokens)
+    assert request_seed(louder) != request_seed(request_30)
+
+
+def test_check_rejects_requests_that_cannot_give_audio(default_engine, reference_engine, chirp) -> None:
+    t = prompt_length(chirp)
+
+    def rejected(engine: MiniOmniEngine, **fields) -> bool:
+        try:
+            engine.check(ChatRequest(audio=fields.pop("audio", chirp), **fields))
+        except RequestRejected:
+            return True
+        return False
+
+    assert rejected(default_engine, stream_stride=0)
+    assert rejected(default_engine, stream_stride=65)
+    assert not rejected(default_engine, stream_stride=64, max_tokens=2048)
+    assert rejected(default_engine, max_tokens=t)  # max_tokens counts the prompt
+    assert rejected(default_engine, max_tokens=2050)  # the context holds 2048 positions
+    # Default mode sends the first complete frame (7 decode steps after the prefill); the reference needs a window.
+    assert rejected(default_engine, max_tokens=t + 7) and not rejected(default_engine, max_tokens=t + 8)
+    assert rejected(reference_engine, max_tokens=t + 10) and not rejected(reference_engine, max_tokens=t + 11)
+    assert rejected(default_engine, audio=np.zeros(30 * 16_000 + 1, dtype=np.float32))
+
+
+def test_smallest_accepted_max_tokens_gives_audio(default_engine, reference_engine, chirp) -> None:
+    t = prompt_length(chirp)
+    pieces, _ = reply(default_engine, ChatRequest(audio=chirp, max_tokens=t + 8))
+    assert len(b"".join(pieces)) == 2 * FRAME_SAMPLES
+    pieces, _ = reply(reference_engine, ChatRequest(audio=chirp, max_tokens=t + 11), noise=ZeroNoise())
+    assert len(b"".join(pieces)) == 2 * 4 * FRAME_SAMPLES
+
+
+def test_missing_checkpoint_files_are_named(tmp_path: Path) -> None:
+    (tmp_path / "lit_model.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="model_config.yaml, tokenizer.json"):
+        locate(tmp_path, lambda detail: None)
+
+
+def test_local_whisper_and_snac_are_used_without_download(tiny_dir: Path) -> None:
+    progress: list[str] = []
+    files = locate(tiny_dir, progress.append)
+    assert files.whisper == tiny_dir / "small.pt" and files.snac == tiny_dir / "snac_24khz"
+    assert progress == []
+
+
+def test_download_keeps_only_a_file_with_the_sha256_of_its_url(tmp_path: Path) -> None:
+    payload = b"whisper weights"
+    good = tmp_path / "models" / hashlib.sha256(payload).hexdigest() / "small.pt"
+    bad = tmp_path / "models" / ("0" * 64) / "small.pt"
+    for source in (good, bad):
+        source.parent.mkdir(parents=True)
+        source.write_bytes(payload)
+    cache = tmp_path / "cache"
+    assert download_verified(good.as_uri(), cache / "small.pt").read_bytes() == payload
+    with pytest.raises(OSError, match="sha256"):
+        download_verified(bad.as_uri(), cache / "other.pt")
+    assert sorted(p.name for p in cache.iterdir()) == ["small.pt"]
+
+
+def test_dtype_defaults() -> None:
+    assert pick_dtype(None, torch.device("cpu")) is torch.float32
+    assert pick_dtype(None, torch.device("cuda")) is torch.bfloat16
+    assert pick_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+    with pytest.raises(ValueError):
+        pick_dtype("int8", torch.device("cpu"))
