@@ -103,7 +103,10 @@ def main() -> None:
         options = VadOptions(**{field.name: getattr(args, field.name) for field in dataclasses.fields(VadOptions)})
         rate, samples = read_wav(args.wav)
     except (ValueError, OSError, wave.Error, KeyError) as error:
-        sys.exit(f"turn_latency.py: {error}")
+        sys.exit(
+            f"turn_latency.py: cannot use {args.wav}: {error or type(error).__name__}. It takes PCM WAV; convert other "
+            "files with: ffmpeg -i INPUT -c:a pcm_s16le OUTPUT.wav"
+        )
     warm_up()
     turns, cpu_ms_per_s = measure(rate, samples, args.chunk_secs, options)
     for number, turn in enumerate(turns, 1):

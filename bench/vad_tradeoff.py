@@ -11,10 +11,13 @@ ground truth in the cases' manifest (`bench/make_cases.py` writes it, and makes 
   onset_lost a whole turn whose utterance starts after the true onset (first syllable clipped)
   delay      turn_end_s minus the true end of speech, for turns found whole: median and worst
 
-Prints a table, then one JSON object on the last line: {"cases": [...], "grid": [{...}, ...]}.
+Where a chunk boundary falls relative to the end of speech decides up to one chunk of the delay, so each case
+is also run with extra leading silence (--offsets), which moves every turn to another phase of the chunk grid.
+
+Prints a table, then one JSON object on the last line: {"cases": [...], "offsets_s": [...], "grid": [{...}, ...]}.
 
     python bench/vad_tradeoff.py [--cases test-output/vad_cases/cases.json] [--pause-secs 0.5 0.6 0.8 1.0]
-                                 [--chunk-secs 0.25 0.5] [--details]
+                                 [--chunk-secs 0.25 0.5] [--offsets 0 0.1 0.2 0.3 0.4] [--details]
 """
 
 from __future__ import annotations
@@ -78,6 +81,8 @@ def main() -> None:
     parser.add_argument("--cases", type=Path, default=DEFAULT_OUT / "cases.json", help="manifest of the cases")
     parser.add_argument("--pause-secs", type=float, nargs="+", default=[0.5, 0.6, 0.8, 1.0])
     parser.add_argument("--chunk-secs", type=float, nargs="+", default=[0.25, 0.5])
+    parser.add_argument("--offsets", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.3, 0.4],
+                        help="seconds of extra leading silence; each case runs once per offset")
     parser.add_argument("--details", action="store_true", help="also print each case's turns per setting")
     args = parser.parse_args()
     if not args.cases.exists():
@@ -94,15 +99,18 @@ def main() -> None:
             options = VadOptions(pause_secs=pause_secs, tail_secs=min(VadOptions().tail_secs, pause_secs))
             total, delays, cpu = Score(), [], []
             for case in cases:
-                rate, samples = audio[case["name"]]
-                found, cpu_ms_per_s = measure(rate, samples, chunk_secs, options)
-                score, case_delays = score_case(case["turns"], found, options.tail_secs)
-                total.add(score)
-                delays += case_delays
-                cpu.append(cpu_ms_per_s)
-                if args.details:
-                    spans = ", ".join(f"{t.speech_start_s:.2f}-{t.speech_end_s:.2f}@{t.turn_end_s:.2f}" for t in found)
-                    print(f"    {case['name']}: {score} found [{spans}]")
+                for offset in args.offsets:
+                    rate, samples = audio[case["name"]]
+                    samples = np.concatenate([np.zeros((round(offset * rate), *samples.shape[1:]), samples.dtype), samples])
+                    truth = [{key: value + offset for key, value in turn.items()} for turn in case["turns"]]
+                    found, cpu_ms_per_s = measure(rate, samples, chunk_secs, options)
+                    score, case_delays = score_case(truth, found, options.tail_secs)
+                    total.add(score)
+                    delays += case_delays
+                    cpu.append(cpu_ms_per_s)
+                    if args.details:
+                        spans = ", ".join(f"{t.speech_start_s:.2f}-{t.speech_end_s:.2f}@{t.turn_end_s:.2f}" for t in found)
+                        print(f"    {case['name']} +{offset}s: {score} found [{spans}]")
             row = {
                 "pause_secs": pause_secs,
                 "chunk_secs": chunk_secs,
@@ -115,7 +123,7 @@ def main() -> None:
             print(f"{pause_secs:>5} {chunk_secs:>5} {total.turns:>5} {total.missed:>6} {total.cut_offs:>4} "
                   f"{total.extra:>5} {total.merged:>6} {total.onset_lost:>5} {row['median_delay_s']!s:>6} "
                   f"{row['worst_delay_s']!s:>6} {row['cpu_ms_per_audio_s']:>8}")
-    print(json.dumps({"cases": [case["name"] for case in cases], "grid": grid}))
+    print(json.dumps({"cases": [case["name"] for case in cases], "offsets_s": args.offsets, "grid": grid}))
 
 
 if __name__ == "__main__":

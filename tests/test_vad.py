@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,7 +13,8 @@ import soxr
 import torch
 
 import vad
-from tests.speech import RATE, espeak_available, join, silence, speak, to_int16, trim
+from tests.conftest import REPO_ROOT
+from tests.speech import RATE, espeak_available, join, silence, speak, to_int16, trim, write_wav
 from vad import (
     AudioInputError,
     DetectorState,
@@ -320,6 +324,27 @@ def test_states_and_feeds_after_the_turn(detector: PauseDetector, question: np.n
     assert detector.state is DetectorState.ENDED
     detector.reset()
     assert detector.state is DetectorState.WAITING
+
+
+def test_turn_latency_bench_reports_the_turns(tmp_path, question: np.ndarray, second_question: np.ndarray) -> None:
+    """The tuning tool users run on their own recordings: one JSON object on the last line, turns in file time."""
+    audio = join(silence(1.0), question, silence(2.5), second_question, silence(2.0))
+    wav = write_wav(tmp_path / "two.wav", audio)
+    bench = REPO_ROOT / "bench" / "turn_latency.py"
+    run = subprocess.run(
+        [sys.executable, str(bench), "--wav", str(wav), "--chunk-secs", "0.25", "--pause-secs", "0.7"],
+        capture_output=True, text=True, check=True, timeout=120,
+    )
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report["options"]["pause_secs"] == 0.7 and report["chunk_secs"] == 0.25
+    ends = [voiced_span(question, 1.0)[1], voiced_span(second_question, 3.5 + len(question) / RATE)[1]]
+    assert [turn["reason"] for turn in report["turns"]] == ["pause", "pause"]
+    for turn, end in zip(report["turns"], ends):
+        assert turn["speech_start_s"] < end < turn["turn_end_s"] <= end + 0.7 + 0.25 + 0.2
+    assert report["vad_cpu_ms_per_audio_s"] > 0
+
+    bad = subprocess.run([sys.executable, str(bench), "--wav", str(tmp_path / "missing.wav")], capture_output=True, text=True)
+    assert bad.returncode != 0 and "cannot use" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_options_are_validated() -> None:
