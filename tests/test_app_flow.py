@@ -262,3 +262,41 @@ def test_the_chat_api_with_gradio_client(tmp_path: Path, question: np.ndarray, e
         demo.close()
     assert text.startswith("(echo)")
     assert abs(mp3_seconds(reply_path) - len(question) / 16_000) < 0.15
+
+
+def test_a_tab_waiting_for_the_server_says_it_is_queued(tmp_path: Path, echo_url: str) -> None:
+    handlers = Handlers(Backend(server_url=echo_url))
+    first, second = new_session(tmp_path / "a"), new_session(tmp_path / "b")
+    talk(handlers, first, speak("Tell me a long story about a dragon and a knight, please."))
+    talk(handlers, second, speak("Good morning."))
+    answering_first = handlers.recording_stopped(first)
+    while skipped(next(answering_first)[0]):
+        pass  # the server is now busy with the first tab
+    statuses = [out[2] for out in handlers.recording_stopped(second) if isinstance(out[2], str)]
+    list(answering_first)
+    assert any(status.startswith("Queued: the model server is answering another conversation") for status in statuses)
+    assert any(status.startswith("Speaking") for status in statuses), "and then it is answered"
+
+
+def test_the_launched_server_reports_progress_restarts_when_it_dies_and_stops_with_the_app() -> None:
+    backend = Backend(server_url=None, engine="echo")
+    try:
+        backend.start()
+        deadline = time.monotonic() + 60
+        while not backend.ready:
+            assert time.monotonic() < deadline, backend.status_line()
+            time.sleep(0.1)
+        assert backend.status_line().startswith("Model server ready: echo engine, local server")
+        process = backend._local._process  # the child, to kill it as a crash would
+        process.kill()
+        process.wait()
+        new_url = backend.url_for_request()  # a turn after the crash restarts it first
+        deadline = time.monotonic() + 30
+        while fetch_health(new_url).status.value != "ready":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        restarted = backend._local._process
+        assert restarted is not process and restarted.poll() is None
+    finally:
+        backend.close()
+    assert restarted.wait(timeout=10) is not None, "closing the app stops the server"
