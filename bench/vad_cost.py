@@ -17,7 +17,8 @@ run with each other. Whole-buffer chunks are independent of each other (fresh st
 recordings only every k-th chunk is timed and the sum scaled by k (`whole_buffer_chunk_stride`; --full times all).
 
 Last line: {"detector": {"5": ms, "30": ms, "120": ms}, "whole_buffer": {...}, "stock_silero_window_by_window": ms,
-            "detector_120_vs_5": ratio, "whole_buffer_120_vs_5": ratio, ...}
+            "detector_120_vs_5": ratio, "whole_buffer_120_vs_5": ratio,
+            "detector_120s_by_20s_segment": [ms, ...] (the 120 s utterance's chunks, median per 20 s), ...}
 """
 
 from __future__ import annotations
@@ -71,6 +72,20 @@ def detector_ms_per_s(audio: np.ndarray) -> tuple[float, int]:
     return (time.process_time() - started) * 1000 / (len(audio) / MIC_RATE), len(turns)
 
 
+def detector_cost_along(audio: np.ndarray, segment_secs: float = 20.0) -> list[float]:
+    """Median CPU ms per audio second of the chunks in each `segment_secs` of one long utterance: flat if the
+    cost of a chunk does not depend on how long the user has been talking."""
+    detector = PauseDetector(VadOptions(max_utterance_secs=10_000))
+    chunk = round(CHUNK_SECS * MIC_RATE)
+    costs = []
+    for begin in range(0, len(audio), chunk):
+        started = time.process_time()
+        detector.feed(MIC_RATE, audio[begin : begin + chunk])
+        costs.append((time.process_time() - started) * 1000 / CHUNK_SECS)
+    per_segment = round(segment_secs / CHUNK_SECS)
+    return [round(statistics.median(costs[i : i + per_segment]), 3) for i in range(0, len(costs), per_segment)]
+
+
 class WholeBufferVad:
     """The whole-buffer approach: everything recomputed from the start of the recording on every chunk."""
 
@@ -116,7 +131,7 @@ def stock_window_by_window_ms_per_s(audio: np.ndarray) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3, help="detector runs per length; the median is reported")
+    parser.add_argument("--repeats", type=int, default=5, help="detector runs per length; the median is reported")
     parser.add_argument("--full", action="store_true", help="time every whole-buffer chunk (slow: minutes at 120 s)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -124,16 +139,17 @@ def main() -> None:
     audio = {seconds: monologue(seconds) for seconds in LENGTHS}
     detector_ms_per_s(audio[5])  # warm-up: a new process's first model calls are slow
     stock = stock_window_by_window_ms_per_s(audio[30])
-    detector: dict[str, float] = {}
-    whole_buffer: dict[str, float] = {}
-    strides: dict[str, int] = {}
+    runs: dict[int, list[float]] = {seconds: [] for seconds in LENGTHS}
     turns: dict[str, int] = {}
+    for _ in range(args.repeats):  # round robin, so a change in the machine's load hits every length alike
+        for seconds in LENGTHS:
+            cost, turns[str(seconds)] = detector_ms_per_s(audio[seconds])
+            runs[seconds].append(cost)
+    detector = {str(seconds): round(statistics.median(runs[seconds]), 3) for seconds in LENGTHS}
+    along = detector_cost_along(audio[LENGTHS[-1]])
+    strides = {str(seconds): 1 if args.full else max(1, seconds // 15) for seconds in LENGTHS}
+    whole_buffer = {str(s): round(whole_buffer_ms_per_s(audio[s], strides[str(s)]), 3) for s in LENGTHS}
     for seconds in LENGTHS:
-        runs = [detector_ms_per_s(audio[seconds]) for _ in range(args.repeats)]
-        detector[str(seconds)] = round(statistics.median(cost for cost, _ in runs), 3)
-        turns[str(seconds)] = runs[0][1]
-        strides[str(seconds)] = 1 if args.full else max(1, seconds // 15)
-        whole_buffer[str(seconds)] = round(whole_buffer_ms_per_s(audio[seconds], strides[str(seconds)]), 3)
         print(f"{seconds:>4} s: detector {detector[str(seconds)]} ms/s, whole buffer {whole_buffer[str(seconds)]} ms/s")
     print(f"stock silero, window by window: {stock:.3f} ms/s")
     print(
@@ -144,6 +160,7 @@ def main() -> None:
                 "stock_silero_window_by_window": round(stock, 3),
                 "detector_120_vs_5": round(detector["120"] / detector["5"], 2),
                 "whole_buffer_120_vs_5": round(whole_buffer["120"] / whole_buffer["5"], 2),
+                f"detector_{LENGTHS[-1]}s_by_20s_segment": along,
                 "detector_turns_ended": turns,
                 "whole_buffer_chunk_stride": strides,
                 "chunk_secs": CHUNK_SECS,
