@@ -175,6 +175,8 @@ def test_default_mode_sends_the_whole_reply_without_seams(default_engine, reques
     assert len(pieces) == len(frames) // 4 + 1  # one per window, on the reference's schedule, and the tail
 
     steps = list(generate_steps(default_engine._model, request_30.audio, request_30.max_tokens))
+    stats = default_engine.last_reply
+    assert stats.decode_steps == len(steps) - 1 and stats.audio_samples == len(joined)
     expected = load_tokenizer(default_engine.checkpoint_dir / "tokenizer.json").decode([s.text for s in steps if s.text < EOT])
     assert text == expected and len(text) > 20
 

@@ -17,7 +17,9 @@ import enum
 import hashlib
 import logging
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,7 @@ import torch
 from omni_server.engine import (
     INPUT_SAMPLE_RATE,
     MAX_INPUT_SECONDS,
+    OUTPUT_SAMPLE_RATE,
     AudioPiece,
     ChatRequest,
     ProgressCallback,
@@ -45,7 +48,7 @@ from omni_server.mini_omni.codec import (
     derive_seed,
 )
 from omni_server.mini_omni.config import AUDIO_LAYERS
-from omni_server.mini_omni.generate import generate_steps, max_tokens_error, prompt_length
+from omni_server.mini_omni.generate import Generation, Step, generate_steps, max_tokens_error, prompt_length
 from omni_server.mini_omni.gpt import MiniOmniModel
 from omni_server.mini_omni.text import TextStreamer, load_tokenizer
 
@@ -92,6 +95,66 @@ def request_seed(request: ChatRequest) -> int:
     return derive_seed(f"mini-omni-noise:{digest}")
 
 
+@dataclass
+class ReplyStats:
+    """Where one reply's time went: logged after each reply, read by bench/engine.py.
+
+    Model time is the time spent producing steps, SNAC time the time spent producing PCM pieces; the time
+    the consumer spends between pieces counts only in `total_s`."""
+
+    started: float = field(default_factory=time.perf_counter)
+    encode_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_steps: int = 0
+    decode_s: float = 0.0
+    snac_s: float = 0.0
+    first_audio_s: float | None = None
+    audio_samples: int = 0
+    total_s: float = 0.0
+    stop: str = ""
+
+    def timed(self, steps: Iterable[Step]) -> Iterator[Step]:
+        iterator = iter(steps)
+        while True:
+            began = time.perf_counter()
+            step = next(iterator, None)
+            if step is None:
+                return
+            if step.index > 0:
+                self.decode_steps += 1
+                self.decode_s += time.perf_counter() - began
+            yield step
+
+    def timed_audio(self, pieces: Iterable[bytes]) -> Iterator[bytes]:
+        began = time.perf_counter()
+        produced = list(pieces)
+        self.snac_s += time.perf_counter() - began
+        for pcm in produced:
+            if self.first_audio_s is None:
+                self.first_audio_s = time.perf_counter() - self.started
+            self.audio_samples += len(pcm) // 2
+            yield pcm
+
+    def finish(self, generation: Generation) -> None:
+        self.encode_s = generation.encode_seconds or 0.0
+        self.prefill_s = generation.prefill_seconds or 0.0
+        self.total_s = time.perf_counter() - self.started
+        self.stop = generation.stop_reason.value if generation.stop_reason else "stopped early"
+
+    @property
+    def audio_seconds(self) -> float:
+        return self.audio_samples / OUTPUT_SAMPLE_RATE
+
+    def summary(self) -> str:
+        per_step = 1000 * self.decode_s / max(1, self.decode_steps)
+        first = f"{self.first_audio_s:.2f} s" if self.first_audio_s is not None else "none"
+        return (
+            f"{self.decode_steps} steps ({self.stop}) at {per_step:.0f} ms, whisper {1000 * self.encode_s:.0f} ms, "
+            f"prefill {1000 * self.prefill_s:.0f} ms, SNAC {1000 * self.snac_s:.0f} ms; first audio {first}, "
+            f"{self.audio_seconds:.2f} s of audio in {self.total_s:.2f} s"
+        )
+
+
 class MiniOmniEngine:
     """mini-omni (clean-room, SPEC-built) as an `omni_server.engine.Engine`."""
 
@@ -112,6 +175,7 @@ class MiniOmniEngine:
         self._codec: SnacCodec | None = None
         self._tokenizer = None
         self._lock = threading.Lock()  # one reply at a time: the model and codec hold per-call state
+        self.last_reply: ReplyStats | None = None
 
     def load(self, progress: ProgressCallback) -> None:
         files = locate(self.checkpoint_dir, progress)
@@ -155,20 +219,25 @@ class MiniOmniEngine:
             raise RuntimeError("the mini-omni engine is not loaded")
         self.check(request)
         with self._lock:
+            stats = ReplyStats()
+            self.last_reply = stats
             audio = self._streamer(request, noise)
             text = TextStreamer(self._tokenizer) if request.stream_text else None
-            for step in generate_steps(self._model, request.audio, request.max_tokens):
+            generation = generate_steps(self._model, request.audio, request.max_tokens)
+            for step in stats.timed(generation):
                 if text is not None and (piece := text.push(step.text)):
                     yield TextPiece(piece)
-                for pcm in audio.push(step.audio):
+                for pcm in stats.timed_audio(audio.push(step.audio)):
                     yield AudioPiece(pcm)
                 if audio.stopped:
                     log.warning("a special audio id reached a SNAC frame at step %d: the reply ends", step.index)
                     break
-            for pcm in audio.finish():
+            for pcm in stats.timed_audio(audio.finish()):
                 yield AudioPiece(pcm)
             if text is not None and (piece := text.flush()):
                 yield TextPiece(piece)
+            stats.finish(generation)
+            log.info("reply: %s", stats.summary())
 
     def _streamer(self, request: ChatRequest, noise: Noise | None) -> AudioStreamer:
         assert self._codec is not None

@@ -1,0 +1,204 @@
+"""The mini-omni engine end to end on the full-size config: load, whisper, prefill, steps, first PCM piece.
+
+Usage: python bench/engine.py [--checkpoint DIR] [--steps 64] [--requests 2] [--dtypes fp32 bf16]
+
+Without --checkpoint, writes recipe weights of the real size (SPEC §2-§3, §14: seed 7, eoa gain 0.3,
+whisper-small in fp16, SNAC, a word tokenizer) to a temporary folder outside the repo; no download. Each
+precision runs in its own subprocess so its peak RSS is its own. With ../shared present it also counts how
+many golden-A steps the tiny model keeps identical in bf16 and fp32. Prints one JSON object on the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from omni_server.engine import ChatRequest  # noqa: E402
+from omni_server.mini_omni import recipe  # noqa: E402
+from omni_server.mini_omni.checkpoint import TOKENIZER_FILE  # noqa: E402
+from omni_server.mini_omni.config import WHISPER_SMALL, GPTConfig, WhisperDims, real_config  # noqa: E402
+from omni_server.mini_omni.engine import AudioPiece, MiniOmniEngine  # noqa: E402
+from omni_server.mini_omni.generate import generate_steps, prompt_length  # noqa: E402
+from omni_server.mini_omni.gpt import MiniOmniModel  # noqa: E402
+from omni_server.mini_omni.whisper import WhisperEncoder  # noqa: E402
+from tests.mini_omni_helpers import chirp_audio, golden_steps, load_golden, read_wav, word_tokenizer  # noqa: E402
+
+SPEED_SEED = 7
+OUTPUT1_SECONDS = 31062 / 16000  # the golden input's length: prompt T = 101, as in SPEC §16
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def rss_gb() -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1e6
+
+
+# ------------------------------------------------------------------------------------------ worker
+
+
+def measure(checkpoint: Path, dtype: str, steps: int, requests: int, stride: int) -> dict:
+    """One precision in this process: load (with its phases), then `requests` identical requests."""
+    marks: dict[str, float] = {}
+    began = time.perf_counter()
+    engine = MiniOmniEngine(checkpoint, device="cpu", dtype=dtype)
+    engine.load(lambda stage: marks.setdefault(stage, time.perf_counter() - began))
+    load_s = time.perf_counter() - began
+    rss_after_load = rss_gb()
+
+    audio = chirp_audio(OUTPUT1_SECONDS)
+    max_tokens = prompt_length(audio) + 1 + steps
+    replies = []
+    for _ in range(requests):
+        request = ChatRequest(audio=audio, stream_stride=stride, max_tokens=max_tokens, stream_text=True)
+        engine.check(request)
+        started = time.perf_counter()
+        first_piece = None
+        for piece in engine.generate(request):
+            if first_piece is None and isinstance(piece, AudioPiece):
+                first_piece = time.perf_counter() - started
+        stats = engine.last_reply
+        replies.append(
+            {
+                "first_pcm_s": round(first_piece, 3),
+                "whisper_encode_ms": round(1000 * stats.encode_s, 1),
+                "prefill_ms": round(1000 * stats.prefill_s, 1),
+                "decode_steps": stats.decode_steps,
+                "ms_per_decode_step": round(1000 * stats.decode_s / stats.decode_steps, 1),
+                "snac_ms_per_step": round(1000 * stats.snac_s / stats.decode_steps, 1),
+                "audio_s": round(stats.audio_seconds, 3),
+                "total_s": round(stats.total_s, 3),
+                "real_time_factor": round(stats.total_s / stats.audio_seconds, 3),
+                "stop": stats.stop,
+            }
+        )
+    return {
+        "dtype": dtype,
+        "torch_threads": torch.get_num_threads(),
+        "load_s": round(load_s, 2),
+        "load_phases_s": {k: round(v, 2) for k, v in marks.items()},
+        "rss_after_load_gb": round(rss_after_load, 2),
+        "peak_rss_gb": round(peak_rss_gb(), 2),
+        "prompt_positions": prompt_length(audio),
+        "stream_stride": stride,
+        "requests": replies,
+        "median": {
+            key: statistics.median(r[key] for r in replies)
+            for key in ("first_pcm_s", "whisper_encode_ms", "prefill_ms", "ms_per_decode_step", "real_time_factor")
+        },
+    }
+
+
+# --------------------------------------------------------------------------------------- controller
+
+
+def write_full_checkpoint(directory: Path) -> Path:
+    recipe.write_checkpoint(
+        directory,
+        real_config(),
+        WHISPER_SMALL,
+        SPEED_SEED,
+        recipe=recipe.GPTRecipe(eoa6_gain=0.3),
+        whisper_dtype=torch.float16,
+    )
+    word_tokenizer(directory / TOKENIZER_FILE)
+    return directory
+
+
+def with_tokenizer(checkpoint: Path, scratch: Path) -> Path:
+    """`checkpoint` itself if it has a tokenizer, else a folder of links to its files plus a word tokenizer."""
+    if (checkpoint / TOKENIZER_FILE).is_file():
+        return checkpoint
+    linked = scratch / "linked"
+    linked.mkdir()
+    for item in checkpoint.iterdir():
+        (linked / item.name).symlink_to(item.resolve())
+    word_tokenizer(linked / TOKENIZER_FILE)
+    return linked
+
+
+def golden_bf16_agreement(shared: Path) -> dict | None:
+    """Golden case A on the tiny recipe model: how many steps bf16 picks exactly as fp32 (and the golden)."""
+    folder = shared / "mini-omni" / "golden"
+    if not folder.is_dir():
+        return None
+    golden, _ = load_golden(shared, "golden_A")
+    config = GPTConfig.from_yaml(folder / "golden_A_model_config.yaml")
+    dims = WhisperDims(**golden["meta"]["whisper_dims"])
+    audio = read_wav(folder / golden["meta"]["wav"])
+    runs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        encoder = WhisperEncoder.from_whisper_state_dict(
+            dims, recipe.whisper_state_dict(dims, 1234, encoder_only=True), "cpu", dtype
+        )
+        model = MiniOmniModel.from_state_dicts(config, recipe.gpt_state_dict(config, 1234), encoder, "cpu", dtype)
+        runs[dtype] = [(s.audio, s.text) for s in generate_steps(model, audio, golden["meta"]["max_tokens"])]
+    fp32, bf16 = runs[torch.float32], runs[torch.bfloat16]
+    reference = [(a, t) for a, t in zip(golden_steps(golden), golden["list_output"][7])]
+    leading = next((i for i, (a, b) in enumerate(zip(fp32, bf16)) if a != b), min(len(fp32), len(bf16)))
+    return {
+        "fp32_steps_equal_golden": fp32 == reference,
+        "prefill_ids_agreeing_of_8": sum(a == b for a, b in zip((*fp32[0][0], fp32[0][1]), (*bf16[0][0], bf16[0][1]))),
+        "steps_fp32": len(fp32),
+        "steps_bf16": len(bf16),
+        "leading_identical_steps": leading,
+        "identical_steps_at_same_index": sum(a == b for a, b in zip(fp32, bf16)),
+    }
+
+
+def run_worker(checkpoint: Path, dtype: str, args: argparse.Namespace) -> dict:
+    command = [sys.executable, __file__, "--worker", "--checkpoint", str(checkpoint), "--dtypes", dtype,
+               "--steps", str(args.steps), "--requests", str(args.requests), "--stride", str(args.stride)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode:
+        return {"dtype": dtype, "error": done.stderr.strip().splitlines()[-1:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, help="a full-size checkpoint folder (default: write one)")
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=2)
+    parser.add_argument("--stride", type=int, default=4)
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--shared", type=Path, default=REPO.parent / "shared")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(measure(args.checkpoint, args.dtypes[0], args.steps, args.requests, args.stride)))
+        return
+
+    result: dict = {"load_average_before": os.getloadavg()}
+    with tempfile.TemporaryDirectory(prefix="mini-omni-bench-") as scratch:
+        if args.checkpoint:
+            checkpoint = with_tokenizer(args.checkpoint, Path(scratch))
+        else:
+            began = time.perf_counter()
+            checkpoint = write_full_checkpoint(Path(scratch) / "checkpoint")
+            result["write_checkpoint_s"] = round(time.perf_counter() - began, 1)
+        for dtype in args.dtypes:
+            result[dtype] = run_worker(checkpoint, dtype, args)
+    result["golden_A_bf16_vs_fp32"] = golden_bf16_agreement(args.shared)
+    result["load_average_after"] = os.getloadavg()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
