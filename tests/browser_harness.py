@@ -149,7 +149,7 @@ def wait_for(page: object, condition_js: str, timeout_s: float, what: str) -> fl
     """Poll a JS condition (no gesture: evaluate only reads); return the page-clock time it became true."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if page.evaluate(f"() => Boolean({condition_js})"):  # type: ignore[attr-defined]
+        if page.evaluate(f"() => {{ try {{ return Boolean({condition_js}); }} catch {{ return false; }} }}"):  # type: ignore[attr-defined]
             return page_clock(page)
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
