@@ -46,14 +46,52 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x32 * cos + rotated * sin).to(x.dtype)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T + b, for a dense weight or one pre-packed for oneDNN by `fast_layout`."""
+    if weight.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+def fast_layout(weight: torch.Tensor) -> torch.Tensor:
+    """The same [out, in] weight, laid out for the fastest small-batch (decode) GEMM on its device.
+
+    Measured on this 2-core AVX-512 CPU, one thread, batch 2: fp32 MKL reads a column-major weight at about
+    10 GB/s against 6 for row-major; bf16 reads a oneDNN-packed weight at about 11.5 GB/s against 7.7.
+    CUDA keeps the checkpoint's layout.
+    """
+    if weight.device.type != "cpu":
+        return weight
+    if weight.dtype == torch.float32:
+        return weight.t().contiguous().t()
+    if weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
+        return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), BATCH)
+    return weight
+
+
+class Linear(nn.Module):
+    """nn.Linear's parameters and state-dict names, with a weight that `relayout` may re-lay for speed."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def relayout(self) -> None:
+        self.weight = nn.Parameter(fast_layout(self.weight.data), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class Adapter(nn.Module):
     """`whisper_adapter` (llamamlp): proj(silu(fc_1 f) * fc_2 f), no biases (SPEC §6)."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.fc_1 = nn.Linear(config.whisper_adapter_dim, config.intermediate_size, bias=False)
-        self.fc_2 = nn.Linear(config.whisper_adapter_dim, config.intermediate_size, bias=False)
-        self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+        self.fc_1 = Linear(config.whisper_adapter_dim, config.intermediate_size, bias=False)
+        self.fc_2 = Linear(config.whisper_adapter_dim, config.intermediate_size, bias=False)
+        self.proj = Linear(config.intermediate_size, config.n_embd, bias=False)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.proj(F.silu(self.fc_1(features)) * self.fc_2(features))
@@ -64,9 +102,9 @@ class MLP(Adapter):
 
     def __init__(self, config: GPTConfig) -> None:
         nn.Module.__init__(self)
-        self.fc_1 = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
-        self.fc_2 = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
-        self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+        self.fc_1 = Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.fc_2 = Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.proj = Linear(config.intermediate_size, config.n_embd, bias=False)
 
 
 class Attention(nn.Module):
@@ -74,8 +112,8 @@ class Attention(nn.Module):
         super().__init__()
         self.config = config
         # Fused QKV in litgpt's layout: per group g, [q heads gQ..gQ+Q-1 | k_g | v_g] (SPEC §9).
-        self.attn = nn.Linear(config.n_embd, config.qkv_rows, bias=config.add_qkv_bias)
-        self.proj = nn.Linear(config.n_head * config.head_size, config.n_embd, bias=False)
+        self.attn = Linear(config.n_embd, config.qkv_rows, bias=config.add_qkv_bias)
+        self.proj = Linear(config.n_head * config.head_size, config.n_embd, bias=False)
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
@@ -150,12 +188,25 @@ class GPT(nn.Module):
         self.whisper_adapter = Adapter(config)
         self.rope_cos: torch.Tensor | None = None
         self.rope_sin: torch.Tensor | None = None
+        self.head_audio: torch.Tensor | None = None
+        self.head_text: torch.Tensor | None = None
 
     def prepare(self, device: torch.device, dtype: torch.dtype) -> None:
-        """The RoPE table and the KV cache, once per model."""
+        """Once per model, after loading: RoPE table, KV cache, fast weight layouts and the two head slices."""
         self.rope_cos, self.rope_sin = rope_table(self.config, device)
-        for block in self.transformer.h:
-            block.attn.allocate_cache(BATCH, device, dtype)
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.relayout()
+            if isinstance(module, Attention):
+                module.allocate_cache(BATCH, device, dtype)
+        # The decoder reads only item 0's audio logits and item 1's text logits (SPEC §10.2).
+        wte, text_vocab = self.transformer.wte.weight.data, self.config.text_vocab_size
+        if dtype == torch.bfloat16 and device.type == "cpu" and torch.backends.mkldnn.is_available():
+            # oneDNN-packed copies (325 MB more) read about 1.6x faster than the embedding rows themselves.
+            pack = torch.ops.mkldnn._reorder_linear_weight
+            self.head_audio, self.head_text = pack(wte[text_vocab:].contiguous(), 1), pack(wte[:text_vocab].contiguous(), 1)
+        else:
+            self.head_audio, self.head_text = wte[text_vocab:], wte[:text_vocab]
 
     def embed(self, ids: torch.Tensor, audio_embeddings: torch.Tensor | None = None) -> torch.Tensor:
         """ids [B, 8, T] -> [B, T, d]: the mean of the 8 stream embeddings (SPEC §8).
@@ -182,10 +233,8 @@ class GPT(nn.Module):
 
     def select(self, hidden: torch.Tensor) -> Selection:
         """Greedy picks from the last hidden state [2, d]; `topk(1)` as the reference samples (SPEC §10.2)."""
-        c = self.config
-        head = self.transformer.wte.weight
-        audio_logits = F.linear(hidden[0], head[c.text_vocab_size :]).view(AUDIO_LAYERS, c.audio_vocab_size)
-        text_logits = F.linear(hidden[1], head[: c.text_vocab_size])
+        audio_logits = linear(hidden[:1], self.head_audio).view(AUDIO_LAYERS, self.config.audio_vocab_size)
+        text_logits = linear(hidden[1:], self.head_text)
         audio = torch.topk(audio_logits, 1).indices.view(-1).tolist()
         text = int(torch.topk(text_logits, 1).indices)
         return Selection(tuple(audio), text)
@@ -229,9 +278,8 @@ def load_gpt(path: Path, config: GPTConfig, device: str | torch.device, dtype: t
             continue
         if tuple(source.shape) != tuple(model.get_parameter(key).shape):
             raise ValueError(f"{path}: {key} has shape {tuple(source.shape)}, config wants {tuple(model.get_parameter(key).shape)}")
-        target = source.to(device=device, dtype=dtype, copy=True)
+        converted[key] = source.to(device=device, dtype=dtype, copy=True)
         _release_pages(source)
-        converted[key] = target
     model.load_state_dict(converted, strict=True, assign=True)
     model.prepare(torch.device(device), dtype)
     return model.eval()
