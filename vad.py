@@ -308,9 +308,15 @@ class _TurnTracker:
 
     @property
     def audio_start(self) -> int:
-        """First sample of the utterance (pre-roll included), or of what must be kept in case one starts."""
-        first = self.speech_start if self.state is not DetectorState.WAITING else self._run_start
-        return max(0, first * WINDOW_SAMPLES - self._pre_roll) if first is not None else -1
+        """First sample of the utterance, pre-roll included (once speech has started)."""
+        return max(0, self.speech_start * WINDOW_SAMPLES - self._pre_roll)
+
+    def first_sample_needed(self, next_window: int) -> int:
+        """The oldest sample an utterance could still need: its pre-roll may reach back before its start."""
+        if self.state is not DetectorState.WAITING:
+            return self.audio_start
+        first = self._run_start if self._run_start is not None else next_window
+        return max(0, first * WINDOW_SAMPLES - self._pre_roll)
 
     def step(self, index: int, probability: float) -> None:
         """Advance over window `index`; sets `state` to ENDED and `reason` when the turn is over."""
@@ -339,7 +345,8 @@ class _TurnTracker:
             elif index + 1 - self.speech_end >= self._pause_windows:
                 self._end(TurnEndReason.PAUSE)
                 return
-        if self.state is not DetectorState.WAITING and (index + 1) * WINDOW_SAMPLES - self.audio_start >= self._max_samples:
+        heard = (index + 1) * WINDOW_SAMPLES - self.audio_start
+        if self.state is not DetectorState.WAITING and heard >= self._max_samples:
             self._end(TurnEndReason.MAX_LENGTH)
 
     def _end(self, reason: TurnEndReason) -> None:
@@ -358,8 +365,9 @@ class _TurnTracker:
 class PauseDetector:
     """Finds the end of one user turn in a stream of microphone chunks. One per session; `reset()` between turns.
 
-    After `feed` has returned an Utterance the detector is ENDED: further chunks are ignored (`feed` returns
-    None) until `reset()`, so audio that arrives while the app answers never starts a stray turn.
+    After `feed` has returned an Utterance the detector is ENDED: the rest of that chunk and any further chunks
+    are ignored (`feed` returns None) until `reset()`, so audio that arrives while the app answers never starts a
+    stray turn.
     """
 
     def __init__(self, options: VadOptions = VadOptions()) -> None:
@@ -408,10 +416,7 @@ class PauseDetector:
     def _forget_leading_silence(self) -> None:
         """Keep only the pre-roll's worth of audio while waiting, so a long silence costs no memory."""
         if self._tracker.state is DetectorState.WAITING:
-            keep_from = self._tracker.audio_start
-            if keep_from < 0:
-                keep_from = self._scored * WINDOW_SAMPLES - round(self.options.pre_roll_secs * VAD_SAMPLE_RATE)
-            self._buffer.drop_before(keep_from)
+            self._buffer.drop_before(self._tracker.first_sample_needed(self._scored))
 
     def _utterance(self) -> Utterance:
         start, speech_end, stop = self._tracker.utterance_span()
