@@ -33,13 +33,14 @@ import omni_client  # noqa: E402
 from audio_files import TurnFiles  # noqa: E402
 from backend import Backend  # noqa: E402
 from replying import LISTENING_STATUS, ReplySettings, answer, file_reply, file_user_turn, whole_reply  # noqa: E402
-from state import Conversation, MicAction  # noqa: E402
+from state import Conversation, MicAction, Phase  # noqa: E402
 from vad import AudioInputError, VadOptions  # noqa: E402
 
 # Seconds of microphone audio per chunk sent to the server. Shorter ends turns sooner (the pause is noticed
 # at the next chunk boundary) at the cost of more requests; see the pause-detection trade-off in README.md.
 STREAM_EVERY_S = 0.5
 DEFAULT_VAD = VadOptions()
+SERVER_CHECK_S = 1.0  # how often a tab refreshes the model server's line (loading progress, restarts)
 
 MIC_COMMAND_JS = """
 (command) => {
@@ -61,6 +62,11 @@ class Session:
 
     conversation: Conversation = field(default_factory=Conversation)
     files: TurnFiles = field(default_factory=TurnFiles)
+    server_line_shown: str = ""
+
+    def __deepcopy__(self, memo: dict) -> Session:
+        """Gradio deep-copies what a gr.State factory returns; a fresh session (locks, a folder) is its own copy."""
+        return self
 
     def close(self) -> None:
         reply = self.conversation.stop()
@@ -84,15 +90,20 @@ class Handlers:
         self._api_lock = threading.Lock()
         self._api_replies = itertools.count(1)
 
-    def page_loaded(self) -> tuple[str, str, gr.Timer]:
+    def page_loaded(self, session: Session) -> tuple[str, str]:
         self.backend.start()
-        return self._idle_status(), self.backend.status_line(), gr.Timer(active=not self.backend.ready)
+        session.server_line_shown = self.backend.status_line()
+        return self._idle_status(), session.server_line_shown
 
-    def server_tick(self, session: Session) -> tuple[object, str, gr.Timer]:
-        """While the server loads, keep the (idle) page's status line on its progress."""
-        idle = session.conversation.phase.value in ("idle", "stopped")
-        status = self._idle_status() if idle else gr.skip()
-        return status, self.backend.status_line(), gr.Timer(active=not self.backend.ready)
+    def server_tick(self, session: Session) -> tuple[object, object]:
+        """Keep the server line current (loading progress, a restart, an error). The main status line
+        follows it only while the tab is idle, so it never hides what the conversation is doing."""
+        line = self.backend.status_line()
+        if line == session.server_line_shown:
+            return gr.skip(), gr.skip()
+        session.server_line_shown = line
+        idle = session.conversation.phase is Phase.IDLE
+        return (self._idle_status() if idle else gr.skip()), line
 
     def recording_started(self, session: Session, pause_secs: float, start_secs: float) -> object:
         options = VadOptions(pause_secs=float(pause_secs), start_secs=float(start_secs))
@@ -174,6 +185,9 @@ class Handlers:
     def _idle_status(self) -> str:
         if not self.backend.ready:
             return self.backend.status_line()
+        if self.backend.engine == "echo":
+            return (f"{WELCOME} ({self.backend.description}: it speaks your own words back; "
+                    "*Turn options and server* says why the model is not used.)")
         return f"{WELCOME} ({self.backend.description})"
 
 
@@ -196,11 +210,12 @@ def build_demo(handlers: Handlers) -> gr.Blocks:
             with gr.Column(scale=3):
                 chatbot = gr.Chatbot(label="Conversation", elem_id="chatbot", height=520)
         mic_command = gr.Textbox(visible="hidden", elem_id="mic-command")
-        server_timer = gr.Timer(1.0, active=True)
+        server_timer = gr.Timer(SERVER_CHECK_S)
 
-        demo.load(handlers.page_loaded, None, [status, server_info, server_timer], api_visibility="private")
-        server_timer.tick(handlers.server_tick, [session], [status, server_info, server_timer],
-                          api_visibility="private", show_progress="hidden")
+        demo.load(handlers.page_loaded, [session], [status, server_info], api_visibility="private",
+                  show_progress="hidden")
+        server_timer.tick(handlers.server_tick, [session], [status, server_info], api_visibility="private",
+                          show_progress="hidden")
         mic_command.change(None, [mic_command], None, js=MIC_COMMAND_JS)
         mic.start_recording(handlers.recording_started, [session, pause_secs, start_secs], [status],
                             api_visibility="private", show_progress="hidden")

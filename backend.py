@@ -82,6 +82,11 @@ class Backend:
         return self._local.url
 
     @property
+    def engine(self) -> str:
+        """"mini-omni", "echo", or "" while unknown."""
+        return self._health.engine
+
+    @property
     def description(self) -> str:
         """Which engine answers, and where: "echo engine, local server"."""
         where = f"server at {self._external_url}" if self._external_url else "local server"
