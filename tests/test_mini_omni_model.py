@@ -92,7 +92,7 @@ def test_golden_a_front_end_and_logits(case_a, model_a: MiniOmniModel) -> None:
         assert prompt[1].tolist() == golden["prompt"]["item1_streams"]
         # The full-vocabulary logits of the prefill and decode iterations 1-3, fed the golden tokens.
         gpt = model_a.gpt
-        hidden = gpt(prompt, 0, embeddings)
+        hidden = gpt.prefill(prompt, embeddings)
         for k in range(4):
             if k:
                 fed = torch.tensor([golden["steps"][k]["fed_item0"], golden["steps"][k]["fed_item1"]])
@@ -219,7 +219,7 @@ def test_cached_decoding_equals_full_recompute(tiny: MiniOmniModel, speech_audio
     gpt = tiny.gpt
     with torch.inference_mode():
         embeddings = audio_embeddings(tiny, speech_audio)
-        cached = [gpt(prompt, 0, embeddings)]
+        cached = [gpt.prefill(prompt, embeddings)]  # shared prefix once, then the last position for both
         for step in steps[:-1]:
             cached.append(gpt(decode_ids(step), t + step.index))
         for k in range(len(steps)):

@@ -131,9 +131,7 @@ class Generation:
     def __next__(self) -> Step:
         return next(self._steps)
 
-    def _select(self, ids: torch.Tensor, start: int, embeddings: torch.Tensor | None = None) -> Selection:
-        gpt = self.model.gpt
-        selection = gpt.select(gpt(ids.to(self.model.device), start, embeddings))
+    def _keep(self, selection: Selection) -> Selection:
         self.selections.append(selection)
         return selection
 
@@ -146,7 +144,8 @@ class Generation:
 
         began = time.perf_counter()
         prompt = prompt_ids(embeddings.shape[1])
-        first = self._select(prompt, 0, embeddings)
+        gpt = self.model.gpt
+        first = self._keep(gpt.select(gpt.prefill(prompt.to(self.model.device), embeddings)))
         self.prefill_seconds = time.perf_counter() - began
         # No stop and no text-end check at the prefill: an eot here is recorded but forces nothing.
         step = Step(0, first.audio, first.text)
@@ -155,7 +154,7 @@ class Generation:
         t = prompt.shape[-1]
         text_ended = False
         for k in range(1, self.max_tokens - t):
-            picked = self._select(decode_ids(step), t + k - 1)
+            picked = self._keep(gpt.select(gpt(decode_ids(step).to(self.model.device), t + k - 1)))
             text = PAD_T if text_ended else picked.text
             if picked.audio[AUDIO_LAYERS - 1] == EOA:
                 self.stop_reason = StopReason.EOA

@@ -231,6 +231,21 @@ class GPT(nn.Module):
             x = block(x, start, cos, sin)
         return rms_norm(x[:, -1], self.transformer.ln_f.weight, self.config.norm_eps)
 
+    def prefill(self, ids: torch.Tensor, audio_embeddings: torch.Tensor) -> torch.Tensor:
+        """Both items' prompts [2, 8, T] at positions 0..T-1; final-norm hidden at the last position.
+
+        The two prompts differ only at the last position (SPEC §10.1), so the shared prefix runs once, at
+        batch 1, and its keys and values are copied to item 1: half the prefill's work for the same result.
+        """
+        if not (torch.equal(ids[0, :, :-1], ids[1, :, :-1]) and torch.equal(audio_embeddings[0], audio_embeddings[1])):
+            return self(ids, 0, audio_embeddings)
+        shared = ids.shape[-1] - 1
+        self(ids[:1, :, :shared], 0, audio_embeddings[:1])
+        for block in self.transformer.h:
+            block.attn.k_cache[1, :, :shared] = block.attn.k_cache[0, :, :shared]
+            block.attn.v_cache[1, :, :shared] = block.attn.v_cache[0, :, :shared]
+        return self(ids[:, :, shared:], shared)
+
     def select(self, hidden: torch.Tensor) -> Selection:
         """Greedy picks from the last hidden state [2, d]; `topk(1)` as the reference samples (SPEC §10.2)."""
         audio_logits = linear(hidden[:1], self.head_audio).view(AUDIO_LAYERS, self.config.audio_vocab_size)
