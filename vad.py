@@ -21,6 +21,7 @@ from __future__ import annotations
 import enum
 import functools
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import ClassVar
@@ -150,6 +151,9 @@ def _model_thread() -> ThreadPoolExecutor:
     about 1.5 ms.
     """
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="vad-model", initializer=torch.set_num_threads, initargs=(1,))
+
+
+os.register_at_fork(after_in_child=_model_thread.cache_clear)  # a forked child has no such thread: make its own
 
 
 class SpeechScorer:
