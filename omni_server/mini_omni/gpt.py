@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import AUDIO_LAYERS, STREAMS, GPTConfig
+from .head import HeadSlice
 from .whisper import WhisperEncoder
 
 BATCH = 2  # item 0 answers with audio, item 1 with text only (SPEC §10.1)
@@ -188,8 +189,8 @@ class GPT(nn.Module):
         self.whisper_adapter = Adapter(config)
         self.rope_cos: torch.Tensor | None = None
         self.rope_sin: torch.Tensor | None = None
-        self.head_audio: torch.Tensor | None = None
-        self.head_text: torch.Tensor | None = None
+        self.head_audio: HeadSlice | None = None
+        self.head_text: HeadSlice | None = None
 
     def prepare(self, device: torch.device, dtype: torch.dtype) -> None:
         """Once per model, after loading: RoPE table, KV cache, fast weight layouts and the two head slices."""
@@ -201,12 +202,8 @@ class GPT(nn.Module):
                 module.allocate_cache(BATCH, device, dtype)
         # The decoder reads only item 0's audio logits and item 1's text logits (SPEC §10.2).
         wte, text_vocab = self.transformer.wte.weight.data, self.config.text_vocab_size
-        if dtype == torch.bfloat16 and device.type == "cpu" and torch.backends.mkldnn.is_available():
-            # oneDNN-packed copies (325 MB more) read about 1.6x faster than the embedding rows themselves.
-            pack = torch.ops.mkldnn._reorder_linear_weight
-            self.head_audio, self.head_text = pack(wte[text_vocab:].contiguous(), 1), pack(wte[:text_vocab].contiguous(), 1)
-        else:
-            self.head_audio, self.head_text = wte[text_vocab:], wte[:text_vocab]
+        self.head_audio = HeadSlice(wte[text_vocab:], groups=AUDIO_LAYERS)
+        self.head_text = HeadSlice(wte[:text_vocab], groups=1)
 
     def embed(self, ids: torch.Tensor, audio_embeddings: torch.Tensor | None = None) -> torch.Tensor:
         """ids [B, 8, T] -> [B, T, d]: the mean of the 8 stream embeddings (SPEC §8).
@@ -247,11 +244,9 @@ class GPT(nn.Module):
         return self(ids[:, :, shared:], shared)
 
     def select(self, hidden: torch.Tensor) -> Selection:
-        """Greedy picks from the last hidden state [2, d]; `topk(1)` as the reference samples (SPEC §10.2)."""
-        audio_logits = linear(hidden[:1], self.head_audio).view(AUDIO_LAYERS, self.config.audio_vocab_size)
-        text_logits = linear(hidden[1:], self.head_text)
-        audio = torch.topk(audio_logits, 1).indices.view(-1).tolist()
-        text = int(torch.topk(text_logits, 1).indices)
+        """Greedy picks from the last hidden state [2, d], as the reference's top-1 sampling (SPEC §10.2)."""
+        audio = self.head_audio.argmax(hidden[:1])
+        (text,) = self.head_text.argmax(hidden[1:])
         return Selection(tuple(audio), text)
 
     def full_logits(self, hidden: torch.Tensor) -> torch.Tensor:
