@@ -102,7 +102,8 @@ def output1(shared_dir: Path) -> np.ndarray:
 @pytest.mark.parametrize(("case", "stride"), [("golden_A", 4), ("golden_A_stride5", 5)])
 def test_reference_mode_reproduces_golden_a(shared_dir, golden_engine, output1, case: str, stride: int) -> None:
     golden, arrays = load_golden(shared_dir, case)
-    request = ChatRequest(audio=output1, stream_stride=stride, max_tokens=golden["meta"]["max_tokens"], stream_text=True)
+    max_tokens = golden["meta"]["max_tokens"]
+    request = ChatRequest(audio=output1, stream_stride=stride, max_tokens=max_tokens, stream_text=True)
 
     frames = all_frames(golden_engine, request)
     assert len(frames) == golden["frames_complete"]
@@ -177,7 +178,8 @@ def test_default_mode_sends_the_whole_reply_without_seams(default_engine, reques
     steps = list(generate_steps(default_engine._model, request_30.audio, request_30.max_tokens))
     stats = default_engine.last_reply
     assert stats.decode_steps == len(steps) - 1 and stats.audio_samples == len(joined)
-    expected = load_tokenizer(default_engine.checkpoint_dir / "tokenizer.json").decode([s.text for s in steps if s.text < EOT])
+    tokenizer = load_tokenizer(default_engine.checkpoint_dir / "tokenizer.json")
+    expected = tokenizer.decode([s.text for s in steps if s.text < EOT])
     assert text == expected and len(text) > 20
 
 

@@ -95,28 +95,37 @@ def pcm_rounded(audio: np.ndarray) -> bytes:
     return np.clip(scaled, -32768, 32767).astype("<i2").tobytes()
 
 
+@dataclass(frozen=True)
+class NoiseSpan:
+    """The noise one NoiseBlock needs: `length` positions of decoder block `block` (0..3), starting at
+    absolute position `start` (counted from the reply's first frame), `per_frame` positions a frame."""
+
+    block: int
+    start: int
+    length: int
+    per_frame: int
+    device: torch.device
+
+
 class Noise(Protocol):
-    """Where a SNAC NoiseBlock's noise comes from.
+    """Where a SNAC NoiseBlock's noise comes from: a [span.length] tensor, or None for no noise term."""
 
-    `block` is the decoder block (0..3); the noise covers `length` positions of that block's signal starting
-    at absolute position `start` (counted from the first frame of the reply), `per_frame` positions a frame.
-    Returns a [length] tensor, or None for no noise term (noise zero)."""
-
-    def __call__(self, block: int, start: int, length: int, per_frame: int) -> torch.Tensor | None: ...
+    def __call__(self, span: NoiseSpan) -> torch.Tensor | None: ...
 
 
 class ZeroNoise:
     """No noise: deterministic audio (the golden files' mode)."""
 
-    def __call__(self, block: int, start: int, length: int, per_frame: int) -> torch.Tensor | None:
+    def __call__(self, span: NoiseSpan) -> torch.Tensor | None:
         return None
 
 
 class GlobalRngNoise:
-    """What the package does: fresh `torch.randn` from the global RNG at every block of every decode."""
+    """What the package does: fresh `torch.randn` from the global RNG (of the decoder's device) at every
+    block of every decode."""
 
-    def __call__(self, block: int, start: int, length: int, per_frame: int) -> torch.Tensor | None:
-        return torch.randn(length)
+    def __call__(self, span: NoiseSpan) -> torch.Tensor | None:
+        return torch.randn(span.length, device=span.device)
 
 
 class GivenNoise:
@@ -126,12 +135,12 @@ class GivenNoise:
         self._vectors = list(vectors)
         self._call = -1
 
-    def __call__(self, block: int, start: int, length: int, per_frame: int) -> torch.Tensor | None:
-        if block == 0:
+    def __call__(self, span: NoiseSpan) -> torch.Tensor | None:
+        if span.block == 0:
             self._call += 1
-        vector = torch.as_tensor(np.asarray(self._vectors[self._call][block], dtype=np.float32))
-        if vector.numel() != length:
-            raise ValueError(f"recorded noise of call {self._call} block {block} has {vector.numel()} values, not {length}")
+        vector = torch.as_tensor(np.asarray(self._vectors[self._call][span.block], dtype=np.float32))
+        if vector.numel() != span.length:
+            raise ValueError(f"recorded noise {self._call}/{span.block} has {vector.numel()} values, not {span.length}")
         return vector
 
 
@@ -145,11 +154,11 @@ class SeededNoise:
     def __init__(self, seed: int) -> None:
         self.seed = seed
 
-    def __call__(self, block: int, start: int, length: int, per_frame: int) -> torch.Tensor | None:
-        first, last = start // per_frame, (start + length - 1) // per_frame
-        field = torch.cat([self._frame(g, block, per_frame) for g in range(first, last + 1)])
-        offset = start - first * per_frame
-        return field[offset : offset + length]
+    def __call__(self, span: NoiseSpan) -> torch.Tensor | None:
+        first, last = span.start // span.per_frame, (span.start + span.length - 1) // span.per_frame
+        field = torch.cat([self._frame(g, span.block, span.per_frame) for g in range(first, last + 1)])
+        offset = span.start - first * span.per_frame
+        return field[offset : offset + span.length]
 
     def _frame(self, frame: int, block: int, length: int) -> torch.Tensor:
         generator = torch.Generator("cpu").manual_seed(derive_seed(f"{self.seed}:{frame}:{block}"))
@@ -172,7 +181,7 @@ class _PolicyNoiseBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         codec = self._codec[0]
-        noise = codec.noise(self.block, codec.noise_start, x.shape[-1], codec.noise_per_frame)
+        noise = codec.noise(NoiseSpan(self.block, codec.noise_start, x.shape[-1], codec.noise_per_frame, x.device))
         if noise is None:
             return x
         noise = noise.to(device=x.device, dtype=x.dtype).reshape(1, 1, -1)
