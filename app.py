@@ -51,7 +51,25 @@ MIC_COMMAND_JS = """
 }
 """
 
-SILENCE_REPLY_JS = "() => { document.querySelector('#reply audio')?.pause(); }"
+# Stop means quiet at once, in the browser, before the server has answered. Pausing the player is not
+# enough: Gradio's stream player may still be buffering the stopped reply and calls play() when its playlist
+# loads. So Stop also sets a page-wide "quiet" flag that pauses any reply that starts, until the user records
+# again.
+PAGE_JS = """
+() => {
+    window.omniVoiceChat = {quiet: false};
+    document.addEventListener("play", (event) => {
+        if (window.omniVoiceChat.quiet && event.target.closest && event.target.closest("#reply")) event.target.pause();
+    }, true);
+}
+"""
+QUIET_REPLY_JS = """
+() => {
+    window.omniVoiceChat.quiet = true;
+    document.querySelector("#reply audio")?.pause();
+}
+"""
+ALLOW_REPLY_JS = "() => { window.omniVoiceChat.quiet = false; }"
 
 WELCOME = "Click **Record** on the microphone and speak; the answer plays when you pause."
 
@@ -212,11 +230,13 @@ def build_demo(handlers: Handlers) -> gr.Blocks:
         mic_command = gr.Textbox(visible="hidden", elem_id="mic-command")
         server_timer = gr.Timer(SERVER_CHECK_S)
 
+        demo.load(None, None, None, js=PAGE_JS)
         demo.load(handlers.page_loaded, [session], [status, server_info], api_visibility="private",
                   show_progress="hidden")
         server_timer.tick(handlers.server_tick, [session], [status, server_info], api_visibility="private",
                           show_progress="hidden")
         mic_command.change(None, [mic_command], None, js=MIC_COMMAND_JS)
+        mic.start_recording(None, None, None, js=ALLOW_REPLY_JS)
         mic.start_recording(handlers.recording_started, [session, pause_secs, start_secs], [status],
                             api_visibility="private", show_progress="hidden")
         mic.stream(handlers.chunk, [mic, session], [chatbot, status, mic_command], stream_every=STREAM_EVERY_S,
@@ -226,7 +246,7 @@ def build_demo(handlers: Handlers) -> gr.Blocks:
                                        concurrency_limit=None, api_visibility="private", show_progress="hidden")
         reply.stop(handlers.playback_ended, [session], [status, mic_command], api_visibility="private",
                    show_progress="hidden")
-        stop.click(None, None, None, js=SILENCE_REPLY_JS)  # at once, in the browser: Stop means quiet
+        stop.click(None, None, None, js=QUIET_REPLY_JS)
         stop.click(handlers.stop, [session], [reply, chatbot, status, mic_command], cancels=[answering],
                    api_visibility="private", show_progress="hidden")
 

@@ -49,10 +49,14 @@ PAGE_INIT_SCRIPT = """
         }
         return stream;
     };
+    document.addEventListener("click", (event) => {
+        if (event.target.closest && event.target.closest("#stop")) window.__stopClickedAt = performance.now() / 1000;
+    }, true);
     for (const type of ["play", "playing", "ended", "pause"]) {
         document.addEventListener(type, (event) => {
             if (event.target.closest && event.target.closest("#reply"))
-                window.__reply.push({type, at: performance.now() / 1000, position: event.target.currentTime});
+                window.__reply.push({type, at: performance.now() / 1000, position: event.target.currentTime,
+                                     muted: event.target.muted});
         }, true);
     }
 })();
