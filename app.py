@@ -87,9 +87,7 @@ class Session:
         return self
 
     def close(self) -> None:
-        reply = self.conversation.stop()
-        if reply is not None:
-            reply.cancel.set()
+        self.conversation.stop()  # cancels a reply in flight, so its request frees the server
         self.files.delete()
 
 

@@ -96,9 +96,12 @@ class Conversation:
     # -- listening ---------------------------------------------------------------------------------------
 
     def listen(self, options: VadOptions) -> bool:
-        """Start (or restart) a turn with fresh detector state; refused while a reply is being received."""
+        """Start (or restart) a turn with fresh detector state; refused while a turn waits for its answer
+        or a reply is being received (the user may still talk over a reply that is only playing)."""
         with self._lock:
-            if self.reply is not None or not self._move(Phase.LISTENING):
+            if self.phase in (Phase.THINKING, Phase.QUEUED) or self.reply is not None:
+                return False
+            if not self._move(Phase.LISTENING):
                 return False
             if self._detector is None or self._detector.options != options:
                 self._detector = self._detector_factory(options)
