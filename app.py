@@ -34,7 +34,7 @@ from audio_files import TurnFiles  # noqa: E402
 from backend import Backend  # noqa: E402
 from replying import LISTENING_STATUS, ReplySettings, answer, file_reply, file_user_turn, whole_reply  # noqa: E402
 from state import Conversation, MicAction, Phase  # noqa: E402
-from vad import AudioInputError, VadOptions  # noqa: E402
+from vad import AudioInputError, TurnEndReason, VadOptions  # noqa: E402
 
 # Seconds of microphone audio per chunk sent to the server. Shorter ends turns sooner (the pause is noticed
 # at the next chunk boundary) at the cost of more requests; see the pause-detection trade-off in README.md.
@@ -82,18 +82,15 @@ class Session:
     files: TurnFiles = field(default_factory=TurnFiles)
     server_line_shown: str = ""
 
-    def __deepcopy__(self, memo: dict) -> Session:
-        """Gradio deep-copies what a gr.State factory returns; a fresh session (locks, a folder) is its own copy."""
-        return self
-
     def close(self) -> None:
         self.conversation.stop()  # cancels a reply in flight, so its request frees the server
         self.files.delete()
 
 
-def new_session() -> Session:
-    """gr.State calls this for each new tab (a dataclass type itself would be mistaken for a value)."""
-    return Session()
+def close_session(session: Session | None) -> None:
+    """gr.State's delete callback: Gradio drops a tab's state some time after the tab closes."""
+    if session is not None:
+        session.close()
 
 
 class Handlers:
@@ -106,16 +103,18 @@ class Handlers:
         self._api_lock = threading.Lock()
         self._api_replies = itertools.count(1)
 
-    def page_loaded(self, session: Session) -> tuple[str, str]:
+    def page_loaded(self) -> tuple[Session, str, str]:
+        """A new tab: its own session (made here, not by a gr.State factory, which Gradio would publish as an
+        API endpoint), and the server's state."""
         self.backend.start()
-        session.server_line_shown = self.backend.status_line()
-        return self._idle_status(), session.server_line_shown
+        session = Session(server_line_shown=self.backend.status_line())
+        return session, self._idle_status(), session.server_line_shown
 
-    def server_tick(self, session: Session) -> tuple[object, object]:
+    def server_tick(self, session: Session | None) -> tuple[object, object]:
         """Keep the server line current (loading progress, a restart, an error). The main status line
         follows it only while the tab is idle, so it never hides what the conversation is doing."""
         line = self.backend.status_line()
-        if line == session.server_line_shown:
+        if session is None or line == session.server_line_shown:  # None: the page has not loaded yet
             return gr.skip(), gr.skip()
         session.server_line_shown = line
         idle = session.conversation.phase is Phase.IDLE
@@ -142,6 +141,9 @@ class Handlers:
             return gr.skip(), gr.skip(), gr.skip()
         file_user_turn(conversation, heard, session.files)
         status = f"Thinking… ({heard.utterance.duration_s:.1f} s of speech heard)"
+        if heard.utterance.reason is TurnEndReason.MAX_LENGTH:
+            status = (f"Thinking… you spoke for {heard.utterance.duration_s:.0f} s without a pause, the longest "
+                      "turn the model takes, so your turn ends here.")
         return list(conversation.history), status, conversation.mic_command(MicAction.STOP)
 
     def recording_stopped(self, session: Session) -> Iterator[tuple[object, object, object, object]]:
@@ -209,7 +211,7 @@ class Handlers:
 
 def build_demo(handlers: Handlers) -> gr.Blocks:
     with gr.Blocks(title="omni-voice-chat", analytics_enabled=False) as demo:
-        session = gr.State(new_session, delete_callback=Session.close)
+        session = gr.State(None, delete_callback=close_session)
         gr.Markdown("# omni-voice-chat\nTalk, pause, and hear the model answer. It listens again after each reply.")
         with gr.Row():
             with gr.Column(scale=2):
@@ -229,7 +231,7 @@ def build_demo(handlers: Handlers) -> gr.Blocks:
         server_timer = gr.Timer(SERVER_CHECK_S)
 
         demo.load(None, None, None, js=PAGE_JS)
-        demo.load(handlers.page_loaded, [session], [status, server_info], api_visibility="private",
+        demo.load(handlers.page_loaded, None, [session, status, server_info], api_visibility="private",
                   show_progress="hidden")
         server_timer.tick(handlers.server_tick, [session], [status, server_info], api_visibility="private",
                           show_progress="hidden")
