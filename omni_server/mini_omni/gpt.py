@@ -291,6 +291,7 @@ def load_gpt(path: Path, config: GPTConfig, device: str | torch.device, dtype: t
         converted[key] = source.to(device=device, dtype=dtype, copy=True)
         _release_pages(source)
     model.load_state_dict(converted, strict=True, assign=True)
+    del converted  # the model holds the only references now, so re-laid-out weights replace, not double
     model.prepare(torch.device(device), dtype)
     return model.eval()
 
@@ -340,5 +341,6 @@ class MiniOmniModel:
             gpt = GPT(config)
         weights = {k: v.to(device=device, dtype=dtype) for k, v in gpt_state.items() if k != "lm_head.weight"}
         gpt.load_state_dict(weights, strict=True, assign=True)
+        del weights
         gpt.prepare(torch.device(device), dtype)
         return cls(gpt.eval(), encoder.eval(), torch.device(device), dtype)
