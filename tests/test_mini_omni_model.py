@@ -6,6 +6,7 @@ builds a tiny checkpoint with the same recipe and always runs.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from pathlib import Path
@@ -17,7 +18,6 @@ import torch
 from omni_server.mini_omni import recipe
 from omni_server.mini_omni.config import EOT, PAD_T, WHISPER_TINY, GPTConfig, WhisperDims
 from omni_server.mini_omni.generate import (
-    Generation,
     Step,
     StopReason,
     audio_embeddings,
@@ -144,8 +144,14 @@ TINY = GPTConfig(
     whisper_adapter_dim=32,
 )
 TINY_WHISPER = WhisperDims(
-    n_audio_state=32, n_audio_head=2, n_audio_layer=2, n_vocab=64, n_text_ctx=8, n_text_state=16,
-    n_text_head=2, n_text_layer=1,
+    n_audio_state=32,
+    n_audio_head=2,
+    n_audio_layer=2,
+    n_vocab=64,
+    n_text_ctx=8,
+    n_text_state=16,
+    n_text_head=2,
+    n_text_layer=1,
 )
 TINY_SEED = 5
 TINY_RECIPE = recipe.GPTRecipe(eot_gain=8.0)  # a boosted eot, so text forcing starts early
@@ -203,12 +209,27 @@ def test_tied_head_uses_wte_like_the_reference(tiny_dir: Path, tmp_path: Path) -
     assert torch.equal(model.gpt.transformer.wte.weight, state["transformer.wte.weight"])
 
 
+def test_pre_zip_checkpoint_files_load_too(tiny_dir: Path, tiny: MiniOmniModel, tmp_path: Path) -> None:
+    """Files in torch's legacy format cannot be memory-mapped; they are read whole, to the same weights."""
+    legacy = tmp_path / recipe.GPT_FILE
+    torch.save(torch.load(tiny_dir / recipe.GPT_FILE), legacy, _use_new_zipfile_serialization=False)
+    model = MiniOmniModel.load(
+        legacy, tiny_dir / recipe.CONFIG_FILE, tiny_dir / recipe.WHISPER_FILE, "cpu", torch.float32
+    )
+    for key, tensor in tiny.gpt.state_dict().items():
+        assert torch.equal(model.gpt.state_dict()[key], tensor), key
+
+
 def test_mismatched_checkpoint_is_refused(tiny_dir: Path, tmp_path: Path) -> None:
-    GPTConfig(**{**{k: getattr(TINY, k) for k in ("name", "n_head", "head_size", "n_embd", "n_query_groups",
-              "intermediate_size", "whisper_adapter_dim")}, "n_layer": 3}).write_yaml(tmp_path / "model_config.yaml")
+    dataclasses.replace(TINY, n_layer=3).write_yaml(tmp_path / recipe.CONFIG_FILE)
     with pytest.raises(ValueError, match="transformer.h.2"):
-        MiniOmniModel.load(tiny_dir / recipe.GPT_FILE, tmp_path / "model_config.yaml", tiny_dir / recipe.WHISPER_FILE,
-                           "cpu", torch.float32)
+        MiniOmniModel.load(
+            tiny_dir / recipe.GPT_FILE,
+            tmp_path / recipe.CONFIG_FILE,
+            tiny_dir / recipe.WHISPER_FILE,
+            "cpu",
+            torch.float32,
+        )
 
 
 def test_cached_decoding_equals_full_recompute(tiny: MiniOmniModel, speech_audio: np.ndarray) -> None:

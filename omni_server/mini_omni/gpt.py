@@ -7,8 +7,6 @@ logits the decoder reads (item 0's audio slices, item 1's text slice).
 
 from __future__ import annotations
 
-import ctypes
-import mmap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from torch import nn
 
 from .config import AUDIO_LAYERS, STREAMS, GPTConfig
 from .head import HeadSlice
+from .mapped import load_mapped
 from .whisper import WhisperEncoder
 
 BATCH = 2  # item 0 answers with audio, item 1 with text only (SPEC §10.1)
@@ -254,27 +253,14 @@ class GPT(nn.Module):
         return F.linear(hidden, self.transformer.wte.weight)
 
 
-def _release_pages(tensor: torch.Tensor) -> None:
-    """Drop a memory-mapped source tensor's pages from this process's RSS once it has been converted.
-
-    The pages stay in the page cache; touching the tensor again would simply fault them back in from the file.
-    """
-    if not hasattr(_release_pages, "libc"):
-        _release_pages.libc = ctypes.CDLL(None, use_errno=True)
-    start = tensor.data_ptr()
-    end = start + tensor.numel() * tensor.element_size()
-    page = mmap.PAGESIZE
-    aligned = start - start % page
-    _release_pages.libc.madvise(ctypes.c_void_p(aligned), ctypes.c_size_t(end - aligned), 4)  # MADV_DONTNEED
-
-
 def load_gpt(path: Path, config: GPTConfig, device: str | torch.device, dtype: torch.dtype) -> GPT:
     """Load `lit_model.pth` tensor by tensor onto `device`/`dtype`, never holding two full copies.
 
     The file is memory-mapped; `lm_head.weight` is never read (the tied `transformer.wte.weight` wins, as in
     the reference). When a tensor is converted, its mapped pages are released again.
     """
-    state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    checkpoint = load_mapped(path)
+    state = checkpoint.content
     with torch.device("meta"):
         model = GPT(config)
     converted: dict[str, torch.Tensor] = {}
@@ -286,10 +272,11 @@ def load_gpt(path: Path, config: GPTConfig, device: str | torch.device, dtype: t
         source = state.pop(key)
         if key == "lm_head.weight":
             continue
-        if tuple(source.shape) != tuple(model.get_parameter(key).shape):
-            raise ValueError(f"{path}: {key} has shape {tuple(source.shape)}, config wants {tuple(model.get_parameter(key).shape)}")
+        wanted = tuple(model.get_parameter(key).shape)
+        if tuple(source.shape) != wanted:
+            raise ValueError(f"{path}: {key} has shape {tuple(source.shape)}, the config wants {wanted}")
         converted[key] = source.to(device=device, dtype=dtype, copy=True)
-        _release_pages(source)
+        checkpoint.release(source)
     model.load_state_dict(converted, strict=True, assign=True)
     del converted  # the model holds the only references now, so re-laid-out weights replace, not double
     model.prepare(torch.device(device), dtype)

@@ -21,6 +21,7 @@ _OUTPUT_SLACK = 2 * 2.0**-8
 def _product_slack(n: int) -> float:
     return 2 * (2 * 2.0**-8 + n * 2.0**-24)
 
+
 # Beyond this many candidates in a group, scoring the whole group in fp32 is as cheap.
 _MAX_CANDIDATES = 256
 

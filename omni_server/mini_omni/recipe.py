@@ -52,9 +52,12 @@ class GPTRecipe:
     eot_gain: float = 3.0
 
 
+RECIPE_V1 = GPTRecipe()
+
+
 def draw(global_seed: int, component: str, key: str, shape: tuple[int, ...]) -> torch.Tensor:
     """The standard-normal tensor z for one key: seeded by sha256("{seed}:{component}:{key}")."""
-    digest = hashlib.sha256(f"{global_seed}:{component}:{key}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{global_seed}:{component}:{key}".encode()).digest()
     seed = int.from_bytes(digest[:8], "little") & (2**63 - 1)
     generator = torch.Generator("cpu").manual_seed(seed)
     return torch.randn(shape, generator=generator, dtype=torch.float32)
@@ -104,7 +107,7 @@ def _gpt_embedding(global_seed: int, shape: tuple[int, ...], recipe: GPTRecipe) 
 
 
 def gpt_tensors(
-    config: GPTConfig, global_seed: int, recipe: GPTRecipe = GPTRecipe()
+    config: GPTConfig, global_seed: int, recipe: GPTRecipe = RECIPE_V1
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (key, tensor) one at a time, so a full-size checkpoint never needs two copies in memory.
 
@@ -126,7 +129,7 @@ def gpt_tensors(
             yield key, 1.0 + z * recipe.norm_jitter
 
 
-def gpt_state_dict(config: GPTConfig, global_seed: int, recipe: GPTRecipe = GPTRecipe()) -> dict[str, torch.Tensor]:
+def gpt_state_dict(config: GPTConfig, global_seed: int, recipe: GPTRecipe = RECIPE_V1) -> dict[str, torch.Tensor]:
     return dict(gpt_tensors(config, global_seed, recipe))
 
 
@@ -266,7 +269,7 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.detach().to(torch.float32).contiguous().numpy().tobytes()).hexdigest()
 
 
-def write_gpt(path: Path, config: GPTConfig, global_seed: int, recipe: GPTRecipe = GPTRecipe()) -> None:
+def write_gpt(path: Path, config: GPTConfig, global_seed: int, recipe: GPTRecipe = RECIPE_V1) -> None:
     """`lit_model.pth`: one flat {key: float32 tensor} dict; wte and lm_head stored twice, as the real file."""
     weights = {}
     for key, tensor in gpt_tensors(config, global_seed, recipe):
@@ -293,7 +296,7 @@ def write_checkpoint(
     whisper_dims: WhisperDims,
     global_seed: int,
     *,
-    recipe: GPTRecipe = GPTRecipe(),
+    recipe: GPTRecipe = RECIPE_V1,
     whisper_dtype: torch.dtype = torch.float32,
 ) -> Path:
     """A complete recipe checkpoint directory: GPT, config, whisper `.pt` and SNAC folder (no tokenizer)."""

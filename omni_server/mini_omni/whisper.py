@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import WhisperDims
+from .mapped import load_mapped
 
 SAMPLE_RATE = 16_000
 N_FFT = 400
@@ -146,8 +147,14 @@ class WhisperEncoder(nn.Module):
         if not whisper_key.startswith("encoder."):
             return None
         key = whisper_key.removeprefix("encoder.")
-        for theirs, ours in ((".attn.query.", ".query."), (".attn.key.", ".key."), (".attn.value.", ".value."),
-                             (".attn.out.", ".out."), (".mlp.0.", ".mlp_in."), (".mlp.2.", ".mlp_out.")):
+        for theirs, ours in (
+            (".attn.query.", ".query."),
+            (".attn.key.", ".key."),
+            (".attn.value.", ".value."),
+            (".attn.out.", ".out."),
+            (".mlp.0.", ".mlp_in."),
+            (".mlp.2.", ".mlp_out."),
+        ):
             key = key.replace(theirs, ours)
         return key
 
@@ -169,6 +176,6 @@ class WhisperEncoder(nn.Module):
     @classmethod
     def load(cls, path: Path, device: str | torch.device, dtype: torch.dtype) -> WhisperEncoder:
         """Load the encoder from an openai-whisper checkpoint file (`small.pt`: {"dims", "model_state_dict"})."""
-        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        checkpoint = load_mapped(path).content
         dims = WhisperDims(**checkpoint["dims"])
         return cls.from_whisper_state_dict(dims, checkpoint["model_state_dict"], device, dtype)
