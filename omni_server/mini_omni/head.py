@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .layers import linear
+
 # Relative error of one bf16 rounding is at most 2^-8. The screened dot product rounds the hidden state
 # and the weights (2 * 2^-8 of sum |h_i w_i|), accumulates n products in fp32 (n * 2^-24) and rounds its
 # output (2^-8 of the logit). Both slacks are doubled for safety; sum |h_i w_i| <= |h| |w| (Cauchy-Schwarz).
@@ -48,7 +50,7 @@ class HeadSlice:
         """Per group, the index (within the group) of the largest logit for `hidden` [1, d]; `topk(1)` order."""
         if self.packed is None:
             return self._topk(F.linear(hidden, self.exact))
-        approx = torch.ops.mkldnn._linear_pointwise(hidden.to(torch.bfloat16), self.packed, None, "none", [], "")
+        approx = linear(hidden.to(torch.bfloat16), self.packed)
         if self.row_norms is None:
             return self._topk(approx)
         return self._screened(hidden, approx.float().view(self.groups, self.width))

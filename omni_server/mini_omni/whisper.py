@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import WhisperDims
+from .layers import Linear
 from .mapped import load_mapped
 
 SAMPLE_RATE = 16_000
@@ -92,13 +93,13 @@ class _EncoderBlock(nn.Module):
         super().__init__()
         self.heads = heads
         self.attn_ln = nn.LayerNorm(width)
-        self.query = nn.Linear(width, width)
-        self.key = nn.Linear(width, width, bias=False)
-        self.value = nn.Linear(width, width)
-        self.out = nn.Linear(width, width)
+        self.query = Linear(width, width, bias=True)
+        self.key = Linear(width, width)
+        self.value = Linear(width, width, bias=True)
+        self.out = Linear(width, width, bias=True)
         self.mlp_ln = nn.LayerNorm(width)
-        self.mlp_in = nn.Linear(width, 4 * width)
-        self.mlp_out = nn.Linear(4 * width, width)
+        self.mlp_in = Linear(width, 4 * width, bias=True)
+        self.mlp_out = Linear(4 * width, width, bias=True)
 
     def forward(self, x: torch.Tensor, keep_rows: int | None = None) -> torch.Tensor:
         """x: [B, T, d]. With `keep_rows`, only the first rows are computed past the attention's keys/values."""
@@ -171,6 +172,10 @@ class WhisperEncoder(nn.Module):
             if mapped is not None:
                 ours[mapped] = tensor.to(device=device, dtype=dtype)
         encoder.load_state_dict(ours, strict=True, assign=True)
+        if dtype == torch.bfloat16:  # fp32 keeps the checkpoint's layout: its output matches the reference bit for bit
+            for module in encoder.modules():
+                if isinstance(module, Linear):
+                    module.relayout()
         return encoder
 
     @classmethod
