@@ -1,6 +1,6 @@
 """The mini-omni engine end to end on the full-size config: load, whisper, prefill, steps, first PCM piece.
 
-Usage: python bench/engine.py [--checkpoint DIR] [--steps 64] [--requests 2] [--dtypes fp32 bf16]
+Usage: python bench/engine.py [--checkpoint DIR] [--steps 64] [--requests 2] [--dtypes fp32 bf16] [--threads N]
 
 Without --checkpoint, writes recipe weights of the real size (SPEC §2-§3, §14: seed 7, eoa gain 0.3,
 whisper-small in fp16, SNAC, a word tokenizer) to a temporary folder outside the repo; no download. Each
@@ -164,7 +164,8 @@ def golden_bf16_agreement(shared: Path) -> dict | None:
 
 def run_worker(checkpoint: Path, dtype: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--worker", "--checkpoint", str(checkpoint), "--dtypes", dtype,
-               "--steps", str(args.steps), "--requests", str(args.requests), "--stride", str(args.stride)]  # fmt: skip
+               "--steps", str(args.steps), "--requests", str(args.requests), "--stride", str(args.stride),
+               "--threads", str(args.threads)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode:
         return {"dtype": dtype, "error": done.stderr.strip().splitlines()[-1:]}
@@ -178,10 +179,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2)
     parser.add_argument("--stride", type=int, default=4)
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads per worker")
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
+        torch.set_num_threads(args.threads)
         print(json.dumps(measure(args.checkpoint, args.dtypes[0], args.steps, args.requests, args.stride)))
         return
 
