@@ -37,8 +37,9 @@ from state import Conversation, MicAction, Phase  # noqa: E402
 from vad import AudioInputError, TurnEndReason, VadOptions  # noqa: E402
 
 # Seconds of microphone audio per chunk sent to the server. Shorter ends turns sooner (the pause is noticed
-# at the next chunk boundary) at the cost of more requests; see the pause-detection trade-off in README.md.
-STREAM_EVERY_S = 0.5
+# at the next chunk boundary) at the cost of more requests. 0.25 s is what the pause-detection trade-off in
+# README.md recommends: about 0.1 s sooner than 0.5 s chunks, for a small extra CPU cost.
+STREAM_EVERY_S = 0.25
 DEFAULT_VAD = VadOptions()
 SERVER_CHECK_S = 1.0  # how often a tab refreshes the model server's line (loading progress, restarts)
 

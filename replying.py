@@ -50,6 +50,12 @@ class Progress:
 
 LISTENING_STATUS = "Listening… speak, then pause."
 
+# 43 ms of silence in front of the reply's first piece, for the browser's player only (not the history).
+# Gradio re-encodes a streamed reply to AAC with ffmpeg, which emits its first frame only after more than 2048
+# samples; a first piece of one 4096-byte read (2048 samples) therefore makes an empty first segment, and the
+# browser's player then waits about 1 s for its next playlist check before it starts (bench/reply_path.py).
+PLAYER_LEAD_IN = bytes(2 * 1024)
+
 
 def file_user_turn(conversation: Conversation, heard: HeardTurn, files: TurnFiles) -> None:
     wav = files.user_wav(heard.number, heard.utterance.audio, VAD_SAMPLE_RATE)
@@ -93,7 +99,8 @@ def answer(
                 if not conversation.reply_audio(reply, piece.pcm):
                     return  # stopped: the Stop handler files what arrived
                 status = f"Speaking… ({server.description})" if first else None
-                yield Progress(status, audio=wav_bytes(piece.pcm, omni_client.REPLY_SAMPLE_RATE))
+                pcm = PLAYER_LEAD_IN + piece.pcm if first else piece.pcm
+                yield Progress(status, audio=wav_bytes(pcm, omni_client.REPLY_SAMPLE_RATE))
             elif isinstance(piece, omni_client.ReplyText):
                 conversation.reply_text(reply, piece.text)
             elif isinstance(piece, omni_client.ReplyQueued):

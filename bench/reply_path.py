@@ -6,7 +6,8 @@
    Side by side: what Gradio's streaming Audio.postprocess costs per chunk for the WAV bytes the app yields
    and for a (rate, ndarray) tuple (which Gradio writes to a cache file per chunk).
 2. Bytes held before the first yield: how much reply audio the app had received from the client when it
-   yielded its first chunk to the player.
+   yielded its first chunk to the player. Beside it, the AAC frames Gradio's stream encoder has for the
+   player's first segment with and without the app's 43 ms lead-in (replying.PLAYER_LEAD_IN).
 3. From a real browser (tests/browser_harness.py: Chromium, fake microphone, `python app.py --engine echo`):
    seconds from the end of speech in the microphone's WAV to the first reply audio playing in #reply,
    split into turn detection (speech end to the microphone stopping), the reply reaching the player
@@ -96,6 +97,27 @@ def gradio_postprocess_per_chunk(repeats: int = 400) -> dict:
     return results
 
 
+def first_segment_frames(trials: int = 3) -> dict:
+    """Why the reply's first piece carries a lead-in: AAC frames Gradio's stream encoder (the one it runs for a
+    streamed gr.Audio) has ready for the player's first segment, from one 4096-byte read alone and with
+    replying.PLAYER_LEAD_IN in front; 0 frames means an empty first playlist and a player that waits ~1 s."""
+    from gradio.audio_stream_encoder import AacStreamEncoder
+
+    first_read = (np.sin(np.arange(2048) / 7) * 9000).astype("<i2").tobytes()
+    results = {}
+    for name, chunk in (("one_read", first_read), ("lead_in_plus_one_read", replying.PLAYER_LEAD_IN + first_read)):
+        frames = []
+        for _ in range(trials):
+            encoder = AacStreamEncoder(omni_client.REPLY_SAMPLE_RATE, 1)
+            try:
+                encoder.feed(chunk)
+                frames.append(len(encoder.take()))  # the wait Gradio itself allows the first chunk
+            finally:
+                encoder.close()
+        results[name] = min(frames)
+    return results
+
+
 def browser_latency(turns: int, output: Path) -> dict:
     """Speech end in the WAV to reply audio playing, in a real Chromium, for `turns` questions."""
     lead_in, gap = 0.5, 9.0
@@ -145,6 +167,7 @@ def main() -> None:
     output.mkdir(parents=True, exist_ok=True)
     result = app_cpu_per_chunk(speak(QUESTIONS[0]), args.cpu_turns)
     result["gradio_postprocess_ms_per_chunk"] = gradio_postprocess_per_chunk()
+    result["gradio_first_segment_frames"] = first_segment_frames()
     if not args.no_browser:
         missing = harness.browser_tools_missing()
         result["browser"] = {"skipped": missing} if missing else browser_latency(args.turns, output)

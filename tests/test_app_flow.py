@@ -26,7 +26,7 @@ from audio_files import TurnFiles
 from backend import Backend
 from omni_client import fetch_health
 from omni_server.echo import EchoEngine
-from replying import LISTENING_STATUS, ReplySettings
+from replying import LISTENING_STATUS, PLAYER_LEAD_IN, ReplySettings
 from state import Conversation, Phase
 from tests.reference_server import Behaviour, ReferenceServer, Script
 from tests.servers import serving_engine
@@ -127,8 +127,11 @@ def test_a_whole_turn_with_the_echo_server(tmp_path: Path, question: np.ndarray,
         steps.append(outputs)
         arrivals.append(time.monotonic() - started)
     audio = [(out[0], at) for out, at in zip(steps, arrivals) if not skipped(out[0])]
-    pcm = b"".join(pcm_of_wav_chunk(chunk) for chunk, _ in audio)
-    assert all(len(pcm_of_wav_chunk(chunk)) <= 4096 for chunk, _ in audio), "one server read per chunk, no more"
+    pieces = [pcm_of_wav_chunk(chunk) for chunk, _ in audio]
+    assert pieces[0].startswith(PLAYER_LEAD_IN), "the player's first piece starts with its short lead-in"
+    pieces[0] = pieces[0][len(PLAYER_LEAD_IN):]
+    pcm = b"".join(pieces)
+    assert all(len(piece) <= 4096 for piece in pieces), "one server read per chunk, no more"
     assert abs(len(pcm) / 2 / 24_000 - heard_s) < 0.05, "the echo is the heard turn, all of it"
     assert audio[0][1] < audio[-1][1] - 0.5 * heard_s, "audio is passed on as it arrives, not at the end"
     assert any(isinstance(out[2], str) and out[2].startswith("Speaking") for out in steps)
