@@ -47,27 +47,27 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x32 * cos + rotated * sin).to(x.dtype)
 
 
-class Adapter(nn.Module):
-    """`whisper_adapter` (llamamlp): proj(silu(fc_1 f) * fc_2 f), no biases (SPEC §6)."""
-
-    def __init__(self, config: GPTConfig) -> None:
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
         super().__init__()
-        self.fc_1 = Linear(config.whisper_adapter_dim, config.intermediate_size, bias=False)
-        self.fc_2 = Linear(config.whisper_adapter_dim, config.intermediate_size, bias=False)
-        self.proj = Linear(config.intermediate_size, config.n_embd, bias=False)
+        self.weight = nn.Parameter(torch.empty(size))
+        self.eps = eps
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.silu(self.fc_1(features)) * self.fc_2(features))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
 
 
-class MLP(Adapter):
-    """LLaMAMLP: the same gated shape as the adapter, from n_embd."""
+class GatedMLP(nn.Module):
+    """proj(silu(fc_1 x) * fc_2 x), no biases: the blocks' LLaMAMLP and the whisper adapter (SPEC §6, §9)."""
 
-    def __init__(self, config: GPTConfig) -> None:
-        nn.Module.__init__(self)
-        self.fc_1 = Linear(config.n_embd, config.intermediate_size, bias=False)
-        self.fc_2 = Linear(config.n_embd, config.intermediate_size, bias=False)
-        self.proj = Linear(config.intermediate_size, config.n_embd, bias=False)
+    def __init__(self, n_in: int, n_hidden: int, n_out: int) -> None:
+        super().__init__()
+        self.fc_1 = Linear(n_in, n_hidden)
+        self.fc_2 = Linear(n_in, n_hidden)
+        self.proj = Linear(n_hidden, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.silu(self.fc_1(x)) * self.fc_2(x))
 
 
 class Attention(nn.Module):
@@ -114,19 +114,18 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
+    """Pre-norm, non-parallel residuals: x += attn(norm_1 x); x += mlp(norm_2 x)."""
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.eps = config.norm_eps
-        self.norm_1 = nn.Module()
-        self.norm_1.weight = nn.Parameter(torch.empty(config.n_embd))
+        self.norm_1 = RMSNorm(config.n_embd, config.norm_eps)
         self.attn = Attention(config)
-        self.norm_2 = nn.Module()
-        self.norm_2.weight = nn.Parameter(torch.empty(config.n_embd))
-        self.mlp = MLP(config)
+        self.norm_2 = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = GatedMLP(config.n_embd, config.intermediate_size, config.n_embd)
 
     def forward(self, x: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(rms_norm(x, self.norm_1.weight, self.eps), start, cos, sin)
-        return x + self.mlp(rms_norm(x, self.norm_2.weight, self.eps))
+        x = x + self.attn(self.norm_1(x), start, cos, sin)
+        return x + self.mlp(self.norm_2(x))
 
 
 @dataclass(frozen=True)
@@ -146,9 +145,8 @@ class GPT(nn.Module):
         self.transformer = nn.Module()
         self.transformer.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
         self.transformer.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.transformer.ln_f = nn.Module()
-        self.transformer.ln_f.weight = nn.Parameter(torch.empty(config.n_embd))
-        self.whisper_adapter = Adapter(config)
+        self.transformer.ln_f = RMSNorm(config.n_embd, config.norm_eps)
+        self.whisper_adapter = GatedMLP(config.whisper_adapter_dim, config.intermediate_size, config.n_embd)
         self.rope_cos: torch.Tensor | None = None
         self.rope_sin: torch.Tensor | None = None
         self.head_audio: HeadSlice | None = None
@@ -188,7 +186,7 @@ class GPT(nn.Module):
         cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
         for block in self.transformer.h:
             x = block(x, start, cos, sin)
-        return rms_norm(x[:, -1], self.transformer.ln_f.weight, self.config.norm_eps)
+        return self.transformer.ln_f(x[:, -1])
 
     def prefill(self, ids: torch.Tensor, audio_embeddings: torch.Tensor) -> torch.Tensor:
         """Both items' prompts [2, 8, T] at positions 0..T-1; final-norm hidden at the last position.
