@@ -4,8 +4,9 @@ Usage: python bench/engine.py [--checkpoint DIR] [--steps 64] [--requests 2] [--
 
 Without --checkpoint, writes recipe weights of the real size (SPEC §2-§3, §14: seed 7, eoa gain 0.3,
 whisper-small in fp16, SNAC, a word tokenizer) to a temporary folder outside the repo; no download. Each
-precision runs in its own subprocess so its peak RSS is its own. With ../shared present it also counts how
-many golden-A steps the tiny model keeps identical in bf16 and fp32. Prints one JSON object on the last line.
+precision runs in its own subprocess so its peak RSS is its own. With ../shared present it also reports
+bench/mini_omni_bf16_agreement.py (golden-A steps that bf16 keeps identical to fp32). Prints one JSON object
+on the last line.
 """
 
 from __future__ import annotations
@@ -21,21 +22,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from omni_server.engine import ChatRequest  # noqa: E402
+from omni_server.engine import AudioPiece, ChatRequest  # noqa: E402
 from omni_server.mini_omni import recipe  # noqa: E402
 from omni_server.mini_omni.checkpoint import TOKENIZER_FILE  # noqa: E402
-from omni_server.mini_omni.config import WHISPER_SMALL, GPTConfig, WhisperDims, real_config  # noqa: E402
-from omni_server.mini_omni.engine import AudioPiece, MiniOmniEngine  # noqa: E402
-from omni_server.mini_omni.generate import generate_steps, prompt_length  # noqa: E402
-from omni_server.mini_omni.gpt import MiniOmniModel  # noqa: E402
-from omni_server.mini_omni.whisper import WhisperEncoder  # noqa: E402
-from tests.mini_omni_helpers import chirp_audio, golden_steps, load_golden, read_wav, word_tokenizer  # noqa: E402
+from omni_server.mini_omni.config import WHISPER_SMALL, real_config  # noqa: E402
+from omni_server.mini_omni.engine import MiniOmniEngine  # noqa: E402
+from omni_server.mini_omni.generate import prompt_length  # noqa: E402
+from tests.mini_omni_helpers import chirp_audio, word_tokenizer  # noqa: E402
 
 SPEED_SEED = 7
 OUTPUT1_SECONDS = 31062 / 16000  # the golden input's length: prompt T = 101, as in SPEC §16
@@ -134,32 +132,14 @@ def with_tokenizer(checkpoint: Path, scratch: Path) -> Path:
 
 
 def golden_bf16_agreement(shared: Path) -> dict | None:
-    """Golden case A on the tiny recipe model: how many steps bf16 picks exactly as fp32 (and the golden)."""
-    folder = shared / "mini-omni" / "golden"
-    if not folder.is_dir():
+    """bench/mini_omni_bf16_agreement.py's answer: golden-A steps that bf16 keeps identical to fp32."""
+    if not (shared / "mini-omni" / "golden").is_dir():
         return None
-    golden, _ = load_golden(shared, "golden_A")
-    config = GPTConfig.from_yaml(folder / "golden_A_model_config.yaml")
-    dims = WhisperDims(**golden["meta"]["whisper_dims"])
-    audio = read_wav(folder / golden["meta"]["wav"])
-    runs = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        encoder = WhisperEncoder.from_whisper_state_dict(
-            dims, recipe.whisper_state_dict(dims, 1234, encoder_only=True), "cpu", dtype
-        )
-        model = MiniOmniModel.from_state_dicts(config, recipe.gpt_state_dict(config, 1234), encoder, "cpu", dtype)
-        runs[dtype] = [(s.audio, s.text) for s in generate_steps(model, audio, golden["meta"]["max_tokens"])]
-    fp32, bf16 = runs[torch.float32], runs[torch.bfloat16]
-    reference = [(a, t) for a, t in zip(golden_steps(golden), golden["list_output"][7])]
-    leading = next((i for i, (a, b) in enumerate(zip(fp32, bf16)) if a != b), min(len(fp32), len(bf16)))
-    return {
-        "fp32_steps_equal_golden": fp32 == reference,
-        "prefill_ids_agreeing_of_8": sum(a == b for a, b in zip((*fp32[0][0], fp32[0][1]), (*bf16[0][0], bf16[0][1]))),
-        "steps_fp32": len(fp32),
-        "steps_bf16": len(bf16),
-        "leading_identical_steps": leading,
-        "identical_steps_at_same_index": sum(a == b for a, b in zip(fp32, bf16)),
-    }
+    command = [sys.executable, str(REPO / "bench" / "mini_omni_bf16_agreement.py"), str(shared)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode:
+        return {"error": done.stderr.strip().splitlines()[-1:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def run_worker(checkpoint: Path, dtype: str, args: argparse.Namespace) -> dict:
