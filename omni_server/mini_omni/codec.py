@@ -228,6 +228,19 @@ def _reach(layers: list[nn.Module], scale: int) -> int:
     return reach
 
 
+class _Snake(nn.Module):
+    """snac's Snake1d, x + sin²(αx)/(α + 1e-9), in eager mode: the package's TorchScript version re-profiles
+    for every new input length, which made each context-window decode (lengths vary) several times slower.
+    The same operations in the same order, so the same values."""
+
+    def __init__(self, alpha: nn.Parameter) -> None:
+        super().__init__()
+        self.alpha = alpha
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + (self.alpha + 1e-9).reciprocal() * torch.sin(self.alpha * x).pow(2)
+
+
 class SnacCodec:
     """The SNAC 24 kHz decoder (encoder dropped), weight norm folded in, noise from a `Noise` policy.
 
@@ -241,7 +254,7 @@ class SnacCodec:
             if parametrize.is_parametrized(module, "weight"):
                 # W = g·V/‖V‖ computed once instead of on every call; the same values as the package's.
                 parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
-        self._replace_noise_blocks(model)
+        self._replace_layers(model)
         self.model = model.to(device).eval()
         self.device = torch.device(device)
         self._stages = _decoder_stages(model.decoder.model, FRAME_SAMPLES // model.vq_strides[0])
@@ -257,8 +270,9 @@ class SnacCodec:
 
         return cls(SNAC.from_pretrained(str(source)), device)
 
-    def _replace_noise_blocks(self, model: nn.Module) -> None:
-        from snac.layers import NoiseBlock
+    def _replace_layers(self, model: nn.Module) -> None:
+        """NoiseBlocks take their noise from `self.noise`; Snake1d runs eagerly."""
+        from snac.layers import NoiseBlock, Snake1d
 
         count = 0
         for parent in list(model.modules()):
@@ -266,6 +280,8 @@ class SnacCodec:
                 if isinstance(child, NoiseBlock):
                     setattr(parent, name, _PolicyNoiseBlock(child.linear, count, self))
                     count += 1
+                elif isinstance(child, Snake1d):
+                    setattr(parent, name, _Snake(child.alpha))
 
     def decode(
         self, frames: Sequence[Frame], first_frame: int, noise: Noise, region: tuple[int, int] | None = None
