@@ -33,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="mini-omni checkpoint directory (downloaded there when absent)")
     parser.add_argument("--device", default=None, help="torch device for mini-omni, e.g. cpu, cuda:0 (default: best available)")
     parser.add_argument("--dtype", default=None, help="torch dtype for mini-omni, e.g. float32, bfloat16")
+    parser.add_argument("--decode-mode", default="default", choices=["default", "reference"],
+                        help="mini-omni audio: default (seamless pieces, tail sent) or reference (the reference's bytes)")
     parser.add_argument("--stop-on-stdin-close", action="store_true",
                         help="exit when stdin reaches end of file (a launcher's pipe: the server dies with its launcher)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -42,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    options = EngineOptions(EngineChoice(args.engine), args.checkpoint_dir, args.device, args.dtype)
+    options = EngineOptions(EngineChoice(args.engine), args.checkpoint_dir, args.device, args.dtype, args.decode_mode)
     host = EngineHost(functools.partial(load_engine, options),
                       "echo" if options.choice is EngineChoice.ECHO else MINI_OMNI)
     listener = socket.create_server((args.host, args.port))

@@ -36,6 +36,7 @@ class EngineOptions:
     checkpoint_dir: Path | None = None
     device: str | None = None
     dtype: str | None = None
+    decode_mode: str = "default"  # mini-omni: "default" (seamless, tail sent) or "reference" (the reference's bytes)
 
 
 def load_engine(options: EngineOptions, report: LoadReport) -> tuple[Engine, str]:
@@ -67,7 +68,7 @@ def load_engine(options: EngineOptions, report: LoadReport) -> tuple[Engine, str
 def _load_mini_omni(options: EngineOptions, report: LoadReport) -> Engine:
     report(MINI_OMNI, "importing the mini-omni engine")
     from omni_server.mini_omni.engine import MiniOmniEngine  # here, so this module imports without it
-    engine = MiniOmniEngine(options.checkpoint_dir, device=options.device, dtype=options.dtype)
+    engine = MiniOmniEngine(options.checkpoint_dir, device=options.device, dtype=options.dtype, mode=options.decode_mode)
     engine.load(lambda detail: report(MINI_OMNI, detail))
     return engine
 

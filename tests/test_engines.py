@@ -19,7 +19,9 @@ class FakeMiniOmni:
     name = "mini-omni"
     fail_with: Exception | None = None
 
-    def __init__(self, checkpoint_dir: Path | None, device: str | None = None, dtype: str | None = None) -> None:
+    def __init__(
+        self, checkpoint_dir: Path | None, device: str | None = None, dtype: str | None = None, mode: str = "default"
+    ) -> None:
         self.checkpoint_dir = checkpoint_dir
 
     def load(self, progress) -> None:
