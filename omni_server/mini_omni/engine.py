@@ -188,7 +188,7 @@ class MiniOmniEngine:
         progress("ready")
 
     def warm_up(self) -> None:
-        """One short reply (whisper, prefill, steps up to the first piece, SNAC), as the reference does."""
+        """One short reply (whisper, prefill, steps to the first frame, SNAC); the reference runs a full one."""
         audio = 0.01 * np.sin(np.arange(int(WARM_UP_SECONDS * INPUT_SAMPLE_RATE)) * 0.05).astype(np.float32)
         stride = 1
         max_tokens = prompt_length(audio) + 1 + first_piece_steps(DecodeMode.REFERENCE, stride)
