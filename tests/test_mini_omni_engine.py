@@ -8,6 +8,7 @@ temporary folder and always runs.
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from omni_server.engine import AudioPiece, ChatRequest, RequestRejected, TextPiece
-from omni_server.mini_omni import recipe
+from omni_server.mini_omni import checkpoint, recipe
 from omni_server.mini_omni.checkpoint import CheckpointError, download_verified, locate
 from omni_server.mini_omni.codec import (
     FRAME_SAMPLES,
@@ -235,6 +236,22 @@ def test_missing_checkpoint_files_are_named(tmp_path: Path) -> None:
     (tmp_path / "lit_model.pth").write_bytes(b"")
     with pytest.raises(CheckpointError, match="model_config.yaml, tokenizer.json"):
         locate(tmp_path, lambda detail: None)
+
+
+def test_missing_or_empty_checkpoint_dir_is_downloaded_into(tmp_path: Path, tiny_dir: Path, monkeypatch) -> None:
+    """The Hub is unreachable here: the download itself is replaced by a copy of the tiny checkpoint."""
+    fetched: list[Path | None] = []
+
+    def fake_download(local_dir: Path | None = None) -> Path:
+        fetched.append(local_dir)
+        shutil.copytree(tiny_dir, local_dir)
+        return local_dir
+
+    monkeypatch.setattr(checkpoint, "download_mini_omni", fake_download)
+    progress: list[str] = []
+    files = locate(tmp_path / "checkpoint", progress.append)
+    assert fetched == [tmp_path / "checkpoint"] and progress == ["downloading"]
+    assert files.gpt == tmp_path / "checkpoint" / "lit_model.pth" and files.gpt.is_file()
 
 
 def test_local_whisper_and_snac_are_used_without_download(tiny_dir: Path) -> None:

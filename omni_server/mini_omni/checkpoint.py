@@ -3,7 +3,8 @@
 A checkpoint directory holds `lit_model.pth`, `model_config.yaml` and `tokenizer.json`. The whisper-small
 encoder comes from the directory's `small.pt` when present, else from openai-whisper's own download (cached
 in ~/.cache/whisper, checked against the sha256 in its URL). SNAC comes from the directory's `snac_24khz/`
-when present, else from the Hub. With no directory at all, `gpt-omni/mini-omni` is downloaded from the Hub.
+when present, else from the Hub. With no directory, or a missing or empty one, `gpt-omni/mini-omni` is
+downloaded from the Hub.
 """
 
 from __future__ import annotations
@@ -46,10 +47,13 @@ class CheckpointError(FileNotFoundError):
 
 
 def locate(checkpoint_dir: Path | None, progress: Progress) -> CheckpointFiles:
-    """All model files, downloading what is neither in `checkpoint_dir` nor cached (reporting "downloading")."""
-    if checkpoint_dir is None:
+    """All model files, downloading what is neither in `checkpoint_dir` nor cached (reporting "downloading").
+
+    No directory: the Hub's copy in the Hugging Face cache. A directory that does not exist or is empty is
+    filled from the Hub (as the reference fills `./checkpoint`); one with other files is used as it is."""
+    if checkpoint_dir is None or not Path(checkpoint_dir).is_dir() or not any(Path(checkpoint_dir).iterdir()):
         progress("downloading")
-        checkpoint_dir = download_mini_omni()
+        checkpoint_dir = download_mini_omni(checkpoint_dir)
     directory = Path(checkpoint_dir)
     missing = [name for name in (GPT_FILE, CONFIG_FILE, TOKENIZER_FILE) if not (directory / name).is_file()]
     if missing:
@@ -84,10 +88,11 @@ def _snac_folder(directory: Path, progress: Progress) -> Path:
     return Path(snapshot_download(SNAC_HUB_REPO, allow_patterns=list(SNAC_FILES)))
 
 
-def download_mini_omni() -> Path:
+def download_mini_omni(local_dir: Path | None = None) -> Path:
+    """`gpt-omni/mini-omni` from the Hub: into `local_dir`, or the Hugging Face cache when None."""
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(MINI_OMNI_HUB_REPO))
+    return Path(snapshot_download(MINI_OMNI_HUB_REPO, local_dir=local_dir))
 
 
 def whisper_cache_dir() -> Path:
