@@ -126,8 +126,12 @@ def test_reference_mode_reproduces_golden_a(shared_dir, golden_engine, output1, 
         assert np.abs(pcm(piece) - noisy[i]).max() <= 1, f"chunk {i} with the recorded noise"
 
 
-def test_reference_mode_max_tokens_120_gives_the_first_three_golden_chunks(shared_dir, golden_engine, output1) -> None:
-    """http_golden_A.json: max_tokens 120 → 18 iterations, 49,152 bytes, the first 3 golden chunks."""
+def test_reference_mode_max_tokens_facts_of_http_golden_a(shared_dir, golden_engine, output1) -> None:
+    """http_golden_A.json: max_tokens 120 → 18 iterations, 49,152 bytes, the first 3 golden chunks; 101 (= T)
+    and 3000 fail in the reference (HTML 500); here they are refused before anything streams."""
+    for max_tokens in (101, 3000):
+        with pytest.raises(RequestRejected):
+            golden_engine.check(ChatRequest(audio=output1, max_tokens=max_tokens))
     _, arrays = load_golden(shared_dir, "golden_A")
     pieces, _ = reply(golden_engine, ChatRequest(audio=output1, max_tokens=120), noise=ZeroNoise())
     assert len(b"".join(pieces)) == 49_152
