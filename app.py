@@ -266,10 +266,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--server-url", default=os.environ.get("OMNI_SERVER_URL") or None,
                         help="use this running mini-omni-compatible server instead of launching one "
                              "(env OMNI_SERVER_URL)")
-    parser.add_argument("--engine", choices=["auto", "echo", "mini-omni"], default=os.environ.get("OMNI_ENGINE", "auto"),
+    parser.add_argument("--engine", choices=["auto", "echo", "mini-omni"],
+                        default=os.environ.get("OMNI_ENGINE", "auto"),
                         help="engine of the launched server: auto (mini-omni when a checkpoint can be had, "
                              "else echo), echo or mini-omni (env OMNI_ENGINE)")
-    parser.add_argument("--checkpoint-dir", type=Path, default=Path(os.environ.get("OMNI_CHECKPOINT_DIR", "checkpoint")),
+    parser.add_argument("--checkpoint-dir", type=Path,
+                        default=Path(os.environ.get("OMNI_CHECKPOINT_DIR", "checkpoint")),
                         help="mini-omni checkpoint directory (default ./checkpoint; env OMNI_CHECKPOINT_DIR)")
     return parser.parse_args(argv)
 

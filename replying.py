@@ -8,6 +8,7 @@ the moment it is read, so nothing is held back beyond one server read.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -93,23 +94,9 @@ def answer(
             stream_text=True,
             cancel=reply.cancel,
         )
-        for piece in stream:
-            if isinstance(piece, omni_client.ReplyAudio):
-                first = reply.first_audio_at is None
-                if not conversation.reply_audio(reply, piece.pcm):
-                    return  # stopped: the Stop handler files what arrived
-                status = f"Speaking… ({server.description})" if first else None
-                pcm = PLAYER_LEAD_IN + piece.pcm if first else piece.pcm
-                yield Progress(status, audio=wav_bytes(pcm, omni_client.REPLY_SAMPLE_RATE))
-            elif isinstance(piece, omni_client.ReplyText):
-                conversation.reply_text(reply, piece.text)
-            elif isinstance(piece, omni_client.ReplyQueued):
-                if piece.ahead > 0 and conversation.queued(reply):
-                    yield Progress(f"Queued: the model server is answering {_conversations(piece.ahead)} first…")
-                elif piece.ahead > 0:
-                    yield Progress(f"Queued: {_conversations(piece.ahead)} ahead…")
-                elif conversation.unqueued(reply):
-                    yield Progress(f"Thinking… (your turn is being answered: {server.description})")
+        # closing(): when Gradio closes this generator (Stop), the request is dropped at once, freeing the server
+        with closing(stream):
+            yield from _stream_to_player(conversation, reply, stream, server.description)
     except omni_client.ReplyError as failure:
         error = failure.message
     if reply.cancel.is_set() or not conversation.finish_reply(reply):
@@ -125,12 +112,38 @@ def answer(
         yield Progress(f"Speaking… ({server.description})", history_changed=True)
 
 
+def _stream_to_player(
+    conversation: Conversation, reply: Reply, stream: Iterator[omni_client.ReplyEvent], server: str
+) -> Iterator[Progress]:
+    """Each piece of reply audio to the player the moment it is read; text and queue news to the state."""
+    for piece in stream:
+        if isinstance(piece, omni_client.ReplyAudio):
+            first = reply.first_audio_at is None
+            if not conversation.reply_audio(reply, piece.pcm):
+                return  # stopped: the Stop handler files what arrived
+            pcm = PLAYER_LEAD_IN + piece.pcm if first else piece.pcm
+            status = f"Speaking… ({server})" if first else None
+            yield Progress(status, audio=wav_bytes(pcm, omni_client.REPLY_SAMPLE_RATE))
+        elif isinstance(piece, omni_client.ReplyText):
+            conversation.reply_text(reply, piece.text)
+        elif isinstance(piece, omni_client.ReplyQueued):
+            if piece.ahead > 0:
+                conversation.queued(reply)
+                yield Progress(f"Queued: the model server is answering {_conversations(piece.ahead)} first…")
+            elif conversation.unqueued(reply):
+                yield Progress(f"Thinking… (your turn is being answered: {server})")
+
+
 def _conversations(count: int) -> str:
     return "another conversation" if count == 1 else f"{count} other conversations"
 
 
 def whole_reply(
-    server: ModelServer, sample_rate: int, samples: np.ndarray, mp3_path_for: Callable[[], Path], settings: ReplySettings
+    server: ModelServer,
+    sample_rate: int,
+    samples: np.ndarray,
+    mp3_path_for: Callable[[], Path],
+    settings: ReplySettings,
 ) -> tuple[Path | None, str]:
     """For programs (the `chat` API): one whole question in; the reply's MP3 (None without audio) and text out.
     Raises omni_client.ReplyError with a plain sentence when the server fails."""

@@ -13,6 +13,7 @@ Every request the page makes is recorded, so a test can prove nothing leaves 127
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import subprocess
@@ -67,9 +68,7 @@ def browser_tools_missing() -> str | None:
     """Why a browser test cannot run here, or None."""
     if not Path(CHROMIUM).exists():
         return f"{CHROMIUM} is not installed"
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("playwright") is None:
         return "playwright is not installed"
     return None
 
@@ -153,7 +152,8 @@ def wait_for(page: object, condition_js: str, timeout_s: float, what: str) -> fl
     """Poll a JS condition (no gesture: evaluate only reads); return the page-clock time it became true."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if page.evaluate(f"() => {{ try {{ return Boolean({condition_js}); }} catch {{ return false; }} }}"):  # type: ignore[attr-defined]
+        guarded = f"() => {{ try {{ return Boolean({condition_js}); }} catch {{ return false; }} }}"
+        if page.evaluate(guarded):  # type: ignore[attr-defined]
             return page_clock(page)
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")

@@ -4,7 +4,8 @@ The microphone plays two espeak-ng questions. The test proves, by watching the p
 recording stops by itself after question 1; the reply streams and plays in #reply (autoplay, no
 autoplay-policy flag); #chatbot shows the user turn and the reply as audio; the microphone re-arms after
 the reply has played; question 2 makes a second turn; Stop cancels the second reply and nothing re-arms; a
-second tab open all along shows none of it; no request leaves 127.0.0.1. The final page is saved as test-output/browser/final.png.
+second tab open all along shows none of it; no request leaves 127.0.0.1. The final page is saved as
+test-output/browser/final.png.
 
 The questions are 9 s apart, not 2.5 s: the microphone is (rightly) off while a reply plays, and a reply
 takes longer than 2.5 s (pause detection, the echo of question 1 itself, Gradio's ~1 s player start), so a
@@ -51,7 +52,8 @@ def chat_counts(page) -> dict:
         user: document.querySelectorAll('#chatbot [data-testid="user"]').length,
         user_audio: document.querySelectorAll('#chatbot [data-testid="user"] [data-testid="waveform-Audio"]').length,
         bot_audio: document.querySelectorAll('#chatbot [data-testid="bot"] [data-testid="waveform-Audio"]').length,
-        bot_text: Array.from(document.querySelectorAll('#chatbot [data-testid="bot"]')).map(e => e.innerText).join(' | '),
+        bot_text: Array.from(document.querySelectorAll('#chatbot [data-testid="bot"]'))
+            .map(e => e.innerText).join(' | '),
     })""")
 
 
@@ -116,9 +118,9 @@ def test_two_turns_then_stop_in_a_real_browser() -> None:
         after_stop = [e for e in page.evaluate("window.__reply") if e["at"] >= clicked]
         audible = [e for e in after_stop if e["type"] == "playing" and not e["muted"] and e["at"] - clicked > 0.25]
         assert not audible, f"nothing is heard after Stop: {after_stop} {page.evaluate('window.__mic')}"
-        assert page.evaluate("(() => { const a = document.querySelector('#reply audio'); return !a || a.paused; })()"), \
-            "the stopped reply's player is not playing"
-        assert harness.reply_events(page, "ended")[-1]["at"] < clicked, f"the stopped reply never plays to its end {after_stop}"
+        player_paused = "(() => { const a = document.querySelector('#reply audio'); return !a || a.paused; })()"
+        assert page.evaluate(player_paused), "the stopped reply's player is not playing"
+        assert harness.reply_events(page, "ended")[-1]["at"] < clicked, f"the stopped reply never ends: {after_stop}"
 
         page.screenshot(path=str(OUTPUT / "final.png"), full_page=True)
         assert chat_counts(other_tab)["user"] == 0 and not other_tab.evaluate(BOT_AUDIO + ".length"), \
