@@ -5,9 +5,9 @@ Shared by tests/test_browser.py and bench/reply_path.py. Two facts about Chromiu
   microphone (a new getUserMedia) after each reply. A real microphone hears the room in real time whether the
   page records or not; to get that, the page keeps one clone of the first microphone track alive, which keeps
   the device open, so the file plays on from where it was (the app still gets and stops its own tracks);
-- `page.evaluate` counts as a user gesture, so the only interactions here are real clicks, and the browser
-  runs without `--autoplay-policy=no-user-gesture-required`: the reply must autoplay because the user
-  clicked Record, as in a real browser.
+- the browser requires a user's click before audio may play (`--autoplay-policy=document-user-activation-
+  required`), and the only interactions are real clicks. Playwright's `evaluate` counts as a gesture too, so
+  tests/test_browser.py also has a run in which nothing is evaluated in the page before its replies played.
 Every request the page makes is recorded, so a test can prove nothing leaves 127.0.0.1.
 """
 
@@ -33,6 +33,7 @@ CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
     "--disable-component-update", "--disable-sync", "--no-first-run", "--use-fake-ui-for-media-stream",
     "--use-fake-device-for-media-stream",
+    "--autoplay-policy=document-user-activation-required",  # what a user's browser does: a click first
 ]
 
 # Keeps the microphone device open (see above), and timestamps what the test needs on the page's clock.

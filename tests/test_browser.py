@@ -61,12 +61,22 @@ def status_text(page) -> str:
     return page.evaluate("document.querySelector('#status').innerText")
 
 
-def test_two_turns_then_stop_in_a_real_browser() -> None:
+@pytest.fixture(scope="module")
+def microphone() -> tuple[Path, tuple[float, float, float]]:
     OUTPUT.mkdir(parents=True, exist_ok=True)
-    microphone = OUTPUT / "two-questions.wav"
-    first_end, second_start, second_end = two_questions(microphone)
+    path = OUTPUT / "two-questions.wav"
+    return path, two_questions(path)
 
-    with harness.running_app(OUTPUT / "app.log") as url, harness.chromium_page(microphone) as (page, record):
+
+@pytest.fixture(scope="module")
+def url() -> str:
+    with harness.running_app(OUTPUT / "app.log") as running:
+        yield running
+
+
+def test_two_turns_then_stop_in_a_real_browser(url: str, microphone) -> None:
+    wav, (first_end, second_start, second_end) = microphone
+    with harness.chromium_page(wav) as (page, record):
         page.goto(url)
         harness.wait_for(page, harness.MIC_OFF, 30, "the microphone's record button")
         harness.wait_for(page, "document.querySelector('#status').innerText.includes('echo engine')", 60,
@@ -134,3 +144,25 @@ def test_two_turns_then_stop_in_a_real_browser() -> None:
         (OUTPUT / "timings.json").write_text(json.dumps(timings, indent=2))
 
     assert record.foreign_requests() == [], "the page must not reach beyond 127.0.0.1"
+
+
+def test_replies_autoplay_after_the_users_one_click_alone(url: str, microphone) -> None:
+    """Nothing but one mouse click touches the page until two replies have played: no `evaluate`, whose
+    implicit gesture could make autoplay work where a real user's browser would refuse it. The second reply
+    plays long after the click, so the click's short-lived activation is over by then."""
+    wav, (_, second_start, second_end) = microphone
+    with harness.chromium_page(wav) as (scout, _):  # another page finds the button and waits for the server
+        scout.goto(url)
+        harness.wait_for(scout, "document.querySelector('#status').innerText.includes('echo engine')", 60,
+                         "the local server")
+        box = scout.locator("#mic button.record-button").bounding_box()
+    with harness.chromium_page(wav) as (page, record):
+        page.goto(url)
+        time.sleep(8.0)  # the page renders; no polling, which would evaluate in it
+        page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        time.sleep(second_end + 14.0)  # both turns and both replies, with room to spare
+        events = page.evaluate("window.__reply")
+        assert page.evaluate("window.__mic.opens") >= 2, "the click started recording and the mic re-armed"
+    played = [e for e in events if e["type"] == "ended" and e["position"] > 1.5 and not e["muted"]]
+    assert len(played) == 2, f"both replies played to their end: {events}"
+    assert record.foreign_requests() == []
