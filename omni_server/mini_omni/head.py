@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .layers import linear
+from .layers import can_pack_bf16, linear, pack_bf16
 
 # Relative error of one bf16 rounding is at most 2^-8. The screened dot product rounds the hidden state
 # and the weights (2 * 2^-8 of sum |h_i w_i|), accumulates n products in fp32 (n * 2^-24) and rounds its
@@ -28,10 +28,6 @@ def _product_slack(n: int) -> float:
 _MAX_CANDIDATES = 256
 
 
-def _can_pack(weight: torch.Tensor) -> bool:
-    return weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
-
-
 class HeadSlice:
     """Rows [start, stop) of the head, split into `groups` equal groups that are each argmax-ed."""
 
@@ -41,8 +37,8 @@ class HeadSlice:
         self.width = weight.shape[0] // groups
         self.packed: torch.Tensor | None = None
         self.row_norms: torch.Tensor | None = None  # |w_r| times the product slack
-        if _can_pack(weight) and weight.dtype in (torch.float32, torch.bfloat16):
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(torch.bfloat16).contiguous(), 1)
+        if weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and can_pack_bf16():
+            self.packed = pack_bf16(weight, batch=1)
             if weight.dtype == torch.float32:
                 self.row_norms = weight.norm(dim=1) * _product_slack(weight.shape[1])
 

@@ -2,9 +2,29 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@functools.cache
+def can_pack_bf16() -> bool:
+    """Whether this PyTorch build pre-packs bf16 weights for oneDNN on the CPU (x86 builds do)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(torch.zeros(8, 8, dtype=torch.bfloat16), 2)
+        torch.ops.mkldnn._linear_pointwise(torch.zeros(2, 8, dtype=torch.bfloat16), packed, None, "none", [], "")
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+def pack_bf16(weight: torch.Tensor, batch: int) -> torch.Tensor:
+    """A oneDNN-packed bf16 copy of a CPU [out, in] weight, for GEMMs of about `batch` rows."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.to(torch.bfloat16).contiguous(), batch)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -25,8 +45,8 @@ def fast_layout(weight: torch.Tensor) -> torch.Tensor:
         return weight
     if weight.dtype == torch.float32:
         return weight.t().contiguous().t()
-    if weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
-        return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 2)
+    if weight.dtype == torch.bfloat16 and can_pack_bf16():
+        return pack_bf16(weight, batch=2)
     return weight
 
 
