@@ -195,7 +195,7 @@ class GPT(nn.Module):
         batch 1, and its keys and values are copied to item 1: half the prefill's work for the same result.
         """
         if not (torch.equal(ids[0, :, :-1], ids[1, :, :-1]) and torch.equal(audio_embeddings[0], audio_embeddings[1])):
-            return self(ids, 0, audio_embeddings)
+            raise ValueError("prefill wants the batch-2 prompt: items that differ only at the last position")
         shared = ids.shape[-1] - 1
         self(ids[:1, :, :shared], 0, audio_embeddings[:1])
         for block in self.transformer.h:
