@@ -61,6 +61,8 @@ def main() -> None:
                 "bf16_steps": len(bf16),
                 "bf16_stop": bf16_stop,
                 "bf16_leading_steps_identical_to_fp32": first_diff,
+                "bf16_prefill_tokens_equal_of_8": sum(a == b for a, b in zip(fp32[0][0], bf16[0][0]))
+                + (fp32[0][1] == bf16[0][1]),
                 "bf16_steps_identical_to_fp32_anywhere": sum(x == y for x, y in zip(fp32, bf16)),
                 "bf16_audio_tokens_equal_positionwise": audio_tokens_equal,
                 "bf16_text_tokens_equal_positionwise": sum(x[1] == y[1] for x, y in zip(fp32, bf16)),
