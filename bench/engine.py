@@ -32,7 +32,7 @@ from omni_server.mini_omni import recipe  # noqa: E402
 from omni_server.mini_omni.checkpoint import TOKENIZER_FILE  # noqa: E402
 from omni_server.mini_omni.config import WHISPER_SMALL, real_config  # noqa: E402
 from omni_server.mini_omni.engine import MiniOmniEngine  # noqa: E402
-from omni_server.mini_omni.generate import prompt_length  # noqa: E402
+from omni_server.mini_omni.generate import generate_steps, prompt_length  # noqa: E402
 from tests.mini_omni_helpers import chirp_audio, word_tokenizer  # noqa: E402
 
 SPEED_SEED = 7
@@ -72,8 +72,10 @@ def measure(checkpoint: Path, dtype: str, steps: int, requests: int, stride: int
             if first_piece is None and isinstance(piece, AudioPiece):
                 first_piece = time.perf_counter() - started
         stats = engine.last_reply
+        model_only = model_step_ms(engine, audio, max_tokens)
         replies.append(
             {
+                "model_only_ms_per_decode_step": model_only,
                 "first_pcm_s": round(first_piece, 3),
                 "whisper_encode_ms": round(1000 * stats.encode_s, 1),
                 "prefill_ms": round(1000 * stats.prefill_s, 1),
@@ -98,9 +100,22 @@ def measure(checkpoint: Path, dtype: str, steps: int, requests: int, stride: int
         "requests": replies,
         "median": {
             key: statistics.median(r[key] for r in replies)
-            for key in ("first_pcm_s", "whisper_encode_ms", "prefill_ms", "ms_per_decode_step", "real_time_factor")
-        },
+            for key in (
+                "first_pcm_s", "whisper_encode_ms", "prefill_ms", "ms_per_decode_step",
+                "model_only_ms_per_decode_step", "snac_ms_per_step", "real_time_factor",
+            )
+        },  # fmt: skip
     }
+
+
+def model_step_ms(engine: MiniOmniEngine, audio, max_tokens: int) -> float:
+    """The same decode steps with the model alone (no SNAC, no text), right after the engine's reply: the
+    side-by-side check that the engine adds nothing to a step on this (shared, noisy) machine."""
+    steps = iter(generate_steps(engine._model, audio, max_tokens))
+    next(steps)  # whisper and prefill
+    began = time.perf_counter()
+    count = sum(1 for _ in steps)
+    return round(1000 * (time.perf_counter() - began) / count, 1)
 
 
 # --------------------------------------------------------------------------------------- controller
