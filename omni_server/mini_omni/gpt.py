@@ -155,7 +155,7 @@ class GPT(nn.Module):
     def prepare(self, device: torch.device, dtype: torch.dtype) -> None:
         """Once per model, after loading: RoPE table, KV cache, fast weight layouts and the two head slices."""
         self.rope_cos, self.rope_sin = rope_table(self.config, device)
-        for module in self.modules():
+        for module in self.transformer.h.modules():  # the decode path; the adapter runs once per request
             if isinstance(module, Linear):
                 module.relayout()
             if isinstance(module, Attention):

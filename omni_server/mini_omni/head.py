@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .layers import can_pack_bf16, linear, pack_bf16
+from .layers import can_pack, linear, pack
 
 # Relative error of one bf16 rounding is at most 2^-8. The screened dot product rounds the hidden state
 # and the weights (2 * 2^-8 of sum |h_i w_i|), accumulates n products in fp32 (n * 2^-24) and rounds its
@@ -37,8 +37,8 @@ class HeadSlice:
         self.width = weight.shape[0] // groups
         self.packed: torch.Tensor | None = None
         self.row_norms: torch.Tensor | None = None  # |w_r| times the product slack
-        if weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and can_pack_bf16():
-            self.packed = pack_bf16(weight, batch=1)
+        if weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and can_pack(torch.bfloat16):
+            self.packed = pack(weight.to(torch.bfloat16), batch=1)
             if weight.dtype == torch.float32:
                 self.row_norms = weight.norm(dim=1) * _product_slack(weight.shape[1])
 
