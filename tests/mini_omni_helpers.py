@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 import math
 import wave
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from omni_server.mini_omni.codec import Frame, FrameAssembler
 
 GOLDEN = Path("mini-omni") / "golden"
 ENDOFTEXT = 151_643  # Qwen2's <|endoftext|>
@@ -49,6 +53,23 @@ def chirp_audio(seconds: float = 1.7, rate: int = 16_000) -> np.ndarray:
     """A warbling tone: synthetic, so a tiny recipe model's tokens are the same on every machine."""
     t = np.arange(int(seconds * rate)) / rate
     return (0.3 * np.sin(2 * math.pi * (200 + 150 * t) * t) * np.sin(2 * math.pi * 3 * t)).astype(np.float32)
+
+
+def one_torch_thread() -> Iterator[None]:
+    """Body of each module's autouse fixture: the CI machine has 2 shared cores, and one intra-op thread is
+    several times faster when they are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def all_frames(steps_audio: Iterable[Sequence[int]]) -> list[Frame]:
+    """Every complete SNAC frame of a run, given each step's 7 audio ids."""
+    frames = FrameAssembler()
+    for audio in steps_audio:
+        frames.push(audio)
+    return frames.frames(0, len(frames))
 
 
 def read_wav(path: Path) -> np.ndarray:

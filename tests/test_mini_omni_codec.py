@@ -25,16 +25,11 @@ from omni_server.mini_omni.codec import (
 )
 from omni_server.mini_omni.recipe import write_snac
 from omni_server.mini_omni.text import TextStreamer
-from tests.mini_omni_helpers import golden_noise, golden_steps, load_golden, pcm, trained_tokenizer
+from tests import mini_omni_helpers as helpers
+from tests.mini_omni_helpers import all_frames, golden_noise, golden_steps, load_golden, pcm, trained_tokenizer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The CI machine has 2 shared cores; one intra-op thread is several times faster when they are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_torch_thread = pytest.fixture(scope="module", autouse=True)(helpers.one_torch_thread)
 
 
 @pytest.fixture(scope="module")
@@ -118,13 +113,6 @@ def test_seamless_pieces_equal_one_whole_decode(codec) -> None:
     reference = pcm(b"".join(stream(ReferenceStreamer(codec, 4, noise), steps)))
     assert len(reference) == 8 * FRAME_SAMPLES  # the tail is dropped
     assert np.abs(reference - whole[: len(reference)]).max() > 1000
-
-
-def all_frames(steps) -> list[tuple[int, ...]]:
-    frames = FrameAssembler()
-    for audio in steps:
-        frames.push(audio)
-    return frames.frames(0, len(frames))
 
 
 def test_seamless_first_piece_comes_at_the_reference_iteration(codec) -> None:

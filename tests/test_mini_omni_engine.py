@@ -20,7 +20,6 @@ from omni_server.mini_omni import checkpoint, recipe
 from omni_server.mini_omni.checkpoint import CheckpointError, download_verified, locate
 from omni_server.mini_omni.codec import (
     FRAME_SAMPLES,
-    FrameAssembler,
     GivenNoise,
     SeededNoise,
     ZeroNoise,
@@ -32,6 +31,7 @@ from omni_server.mini_omni.config import EOT, WHISPER_TINY, GPTConfig
 from omni_server.mini_omni.engine import MiniOmniEngine, pick_dtype, request_seed
 from omni_server.mini_omni.generate import generate_steps, prompt_length
 from omni_server.mini_omni.text import load_tokenizer
+from tests import mini_omni_helpers as helpers
 from tests.mini_omni_helpers import GOLDEN, chirp_audio, golden_noise, load_golden, pcm, read_wav, word_tokenizer
 
 TINY = GPTConfig(
@@ -41,13 +41,7 @@ TINY = GPTConfig(
 TINY_SEED = 1234
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The CI machine has 2 shared cores; one intra-op thread is several times faster when they are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_torch_thread = pytest.fixture(scope="module", autouse=True)(helpers.one_torch_thread)
 
 
 def write_tiny_checkpoint(directory: Path, config: GPTConfig) -> Path:
@@ -75,11 +69,9 @@ def reply(engine: MiniOmniEngine, request: ChatRequest, **kwargs) -> tuple[list[
     return audio, "".join(text)
 
 
-def all_frames(engine: MiniOmniEngine, request: ChatRequest) -> list[tuple[int, ...]]:
-    frames = FrameAssembler()
-    for step in generate_steps(engine._model, request.audio, request.max_tokens):
-        frames.push(step.audio)
-    return frames.frames(0, len(frames))
+def model_frames(engine: MiniOmniEngine, request: ChatRequest) -> list[tuple[int, ...]]:
+    """The SNAC frames of the request's whole run, from the model's steps alone."""
+    return helpers.all_frames(s.audio for s in generate_steps(engine._model, request.audio, request.max_tokens))
 
 
 # ------------------------------------------------------------------------------------ golden case A
@@ -106,7 +98,7 @@ def test_reference_mode_reproduces_golden_a(shared_dir, golden_engine, output1, 
     max_tokens = golden["meta"]["max_tokens"]
     request = ChatRequest(audio=output1, stream_stride=stride, max_tokens=max_tokens, stream_text=True)
 
-    frames = all_frames(golden_engine, request)
+    frames = model_frames(golden_engine, request)
     assert len(frames) == golden["frames_complete"]
     for chunk in golden["chunks"]:
         first, last = chunk["frames"]
@@ -171,7 +163,7 @@ def request_30(chirp: np.ndarray) -> ChatRequest:
 
 
 def test_default_mode_sends_the_whole_reply_without_seams(default_engine, request_30) -> None:
-    frames = all_frames(default_engine, request_30)
+    frames = model_frames(default_engine, request_30)
     assert len(frames) % 4, "the test needs a tail that the reference would drop"
     pieces, text = reply(default_engine, request_30)
     joined = pcm(b"".join(pieces))
@@ -189,7 +181,7 @@ def test_default_mode_sends_the_whole_reply_without_seams(default_engine, reques
 
 
 def test_reference_mode_drops_the_tail_and_decodes_windows_alone(reference_engine, request_30) -> None:
-    frames = all_frames(reference_engine, request_30)
+    frames = model_frames(reference_engine, request_30)
     pieces, _ = reply(reference_engine, request_30, noise=ZeroNoise())
     assert len(pieces) == len(frames) // 4
     for i, piece in enumerate(pieces):
