@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +29,7 @@ from omni_server.mini_omni.generate import (
 from omni_server.mini_omni.gpt import MiniOmniModel
 from omni_server.mini_omni.head import HeadSlice
 from omni_server.mini_omni.whisper import WhisperEncoder, feature_length, log_mel
-from tests import speech
-from tests.mini_omni_helpers import GOLDEN, load_golden, read_wav
+from tests.mini_omni_helpers import GOLDEN, chirp_audio, load_golden, read_wav
 
 SEED_A = 1234
 
@@ -184,10 +182,9 @@ def tiny(tiny_dir: Path) -> MiniOmniModel:
 
 
 @pytest.fixture(scope="module")
-def speech_audio() -> np.ndarray:
+def chirp() -> np.ndarray:
     """A 1.7 s warbling chirp: synthetic, so the tiny model's token streams are the same on every machine."""
-    t = np.arange(int(1.7 * speech.RATE)) / speech.RATE
-    return (0.3 * np.sin(2 * math.pi * (200 + 150 * t) * t) * np.sin(2 * math.pi * 3 * t)).astype(np.float32)
+    return chirp_audio()
 
 
 def test_loaded_weights_are_the_recipe(tiny: MiniOmniModel) -> None:
@@ -237,17 +234,17 @@ def test_mismatched_checkpoint_is_refused(tiny_dir: Path, tmp_path: Path) -> Non
         )
 
 
-def test_cached_decoding_equals_full_recompute(tiny: MiniOmniModel, speech_audio: np.ndarray) -> None:
+def test_cached_decoding_equals_full_recompute(tiny: MiniOmniModel, chirp: np.ndarray) -> None:
     """Every decode step's hidden state with the KV cache equals a fresh forward over the whole sequence."""
     steps_to_check = 12
-    prompt = prompt_ids(feature_length(len(speech_audio)))
+    prompt = prompt_ids(feature_length(len(chirp)))
     t = prompt.shape[-1]
-    generation = generate_steps(tiny, speech_audio, t + 1 + steps_to_check)
+    generation = generate_steps(tiny, chirp, t + 1 + steps_to_check)
     steps = list(generation)
     assert len(steps) == steps_to_check + 1
     gpt = tiny.gpt
     with torch.inference_mode():
-        embeddings = audio_embeddings(tiny, speech_audio)
+        embeddings = audio_embeddings(tiny, chirp)
         cached = [gpt.prefill(prompt, embeddings)]  # shared prefix once, then the last position for both
         for step in steps[:-1]:
             cached.append(gpt(decode_ids(step), t + step.index))
@@ -259,21 +256,21 @@ def test_cached_decoding_equals_full_recompute(tiny: MiniOmniModel, speech_audio
             assert (picked.audio, picked.text) == (generation.selections[k].audio, generation.selections[k].text)
 
 
-def test_max_tokens_counts_the_prompt(tiny: MiniOmniModel, speech_audio: np.ndarray) -> None:
-    t = prompt_length(speech_audio)
-    assert t == feature_length(len(speech_audio)) + 3
+def test_max_tokens_counts_the_prompt(tiny: MiniOmniModel, chirp: np.ndarray) -> None:
+    t = prompt_length(chirp)
+    assert t == feature_length(len(chirp)) + 3
     assert "must be more than" in max_tokens_error(t, t)
     assert max_tokens_error(t, t + 1) is None
     assert max_tokens_error(t, 2049) is None
     assert "2049" in max_tokens_error(t, 2050)
     with pytest.raises(ValueError, match="counts the prompt"):
-        generate_steps(tiny, speech_audio, t)
+        generate_steps(tiny, chirp, t)
 
-    only_prefill = generate_steps(tiny, speech_audio, t + 1)
+    only_prefill = generate_steps(tiny, chirp, t + 1)
     assert [s.index for s in only_prefill] == [0]
     assert only_prefill.stop_reason is StopReason.MAX_TOKENS
 
-    some = generate_steps(tiny, speech_audio, t + 6)
+    some = generate_steps(tiny, chirp, t + 6)
     assert some.stop_reason is None  # not known before the end
     assert [s.index for s in some] == list(range(6))
     assert some.stop_reason is StopReason.MAX_TOKENS
@@ -285,12 +282,12 @@ def test_prompt_length_follows_the_audio_length() -> None:
     assert prompt_length(np.zeros(40 * 16000, np.float32)) == 1503  # cut to 30 s of features
 
 
-def test_eoa_stop_and_text_forcing(tiny: MiniOmniModel, speech_audio: np.ndarray) -> None:
+def test_eoa_stop_and_text_forcing(tiny: MiniOmniModel, chirp: np.ndarray) -> None:
     max_tokens = 2049
-    generation = generate_steps(tiny, speech_audio, max_tokens)
+    generation = generate_steps(tiny, chirp, max_tokens)
     steps = list(generation)
     assert generation.stop_reason is StopReason.EOA
-    assert len(steps) < max_tokens - prompt_length(speech_audio)
+    assert len(steps) < max_tokens - prompt_length(chirp)
     # The eoa step is discarded; no appended step has eoa in layer 6.
     assert generation.selections[-1].audio[6] == 4096
     assert len(generation.selections) == len(steps) + 1
@@ -304,21 +301,21 @@ def test_eoa_stop_and_text_forcing(tiny: MiniOmniModel, speech_audio: np.ndarray
     assert any(t != PAD_T for t in raw)
 
 
-def test_decoding_is_deterministic(tiny_dir: Path, tiny: MiniOmniModel, speech_audio: np.ndarray) -> None:
-    t = prompt_length(speech_audio)
-    first = list(generate_steps(tiny, speech_audio, t + 30))
-    again = list(generate_steps(tiny, speech_audio, t + 30))
-    other_process_like = list(generate_steps(load_tiny(tiny_dir), speech_audio, t + 30))
+def test_decoding_is_deterministic(tiny_dir: Path, tiny: MiniOmniModel, chirp: np.ndarray) -> None:
+    t = prompt_length(chirp)
+    first = list(generate_steps(tiny, chirp, t + 30))
+    again = list(generate_steps(tiny, chirp, t + 30))
+    other_process_like = list(generate_steps(load_tiny(tiny_dir), chirp, t + 30))
     assert first == again == other_process_like
     assert all(isinstance(s, Step) for s in first)
 
 
-def test_bf16_model_decodes(tiny_dir: Path, speech_audio: np.ndarray) -> None:
+def test_bf16_model_decodes(tiny_dir: Path, chirp: np.ndarray) -> None:
     """bf16 is for speed; its tokens drift from fp32 (random weights have tiny margins), but it must decode."""
-    t = prompt_length(speech_audio)
+    t = prompt_length(chirp)
     half = load_tiny(tiny_dir, torch.bfloat16)
     assert half.gpt.transformer.wte.weight.dtype == torch.bfloat16
-    generation = generate_steps(half, speech_audio, t + 9)
+    generation = generate_steps(half, chirp, t + 9)
     steps = list(generation)
     assert [s.index for s in steps] == list(range(len(steps)))
     assert len(steps) == 8 or generation.stop_reason is StopReason.EOA
