@@ -102,8 +102,9 @@ def audio_embeddings(model: MiniOmniModel, audio_16k: np.ndarray) -> torch.Tenso
     # fp32 is the exact mode: there the encoder runs whole, as the reference's (identical output on this CPU);
     # otherwise its last block computes only the kept rows (the same values to ~1e-6, 5% less work).
     keep_rows = None if model.dtype == torch.float32 else rows
-    features = model.encoder(mel[None], keep_rows=keep_rows)[0, :rows]
-    return model.gpt.whisper_adapter(features[None].expand(BATCH, -1, -1))
+    features = model.encoder(mel[None], keep_rows=keep_rows)[:, :rows]
+    # Both items get the same features: the adapter runs once and its output is shared, not recomputed.
+    return model.gpt.whisper_adapter(features).expand(BATCH, -1, -1)
 
 
 @dataclass
