@@ -48,7 +48,14 @@ from omni_server.mini_omni.codec import (
     derive_seed,
 )
 from omni_server.mini_omni.config import AUDIO_LAYERS
-from omni_server.mini_omni.generate import Generation, Step, generate_steps, max_tokens_error, prompt_length
+from omni_server.mini_omni.generate import (
+    DEFAULT_BLOCK_SIZE,
+    Generation,
+    Step,
+    generate_steps,
+    max_tokens_error,
+    prompt_length,
+)
 from omni_server.mini_omni.gpt import MiniOmniModel
 from omni_server.mini_omni.text import TextStreamer, load_tokenizer
 
@@ -202,7 +209,9 @@ class MiniOmniEngine:
         if len(request.audio) > MAX_INPUT_SECONDS * INPUT_SAMPLE_RATE:
             raise RequestRejected(f"audio is longer than {MAX_INPUT_SECONDS:g} s")
         prompt = prompt_length(request.audio)
-        problem = max_tokens_error(prompt, max_tokens)
+        # The loaded model's context, so a request the generation would refuse is refused before streaming.
+        block_size = self._model.config.block_size if self._model is not None else DEFAULT_BLOCK_SIZE
+        problem = max_tokens_error(prompt, max_tokens, block_size)
         if problem:
             raise RequestRejected(problem)
         # max_tokens counts the prompt (T positions) and the prefill's output; the rest are decode steps.
