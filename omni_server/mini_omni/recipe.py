@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .codec import derive_seed
 from .config import AUDIO_CODES, AUDIO_LAYERS, EOA, EOT, GPTConfig, WhisperDims, audio_offset
 
 SNAC_24KHZ_CONFIG: dict = {
@@ -57,9 +58,7 @@ RECIPE_V1 = GPTRecipe()
 
 def draw(global_seed: int, component: str, key: str, shape: tuple[int, ...]) -> torch.Tensor:
     """The standard-normal tensor z for one key: seeded by sha256("{seed}:{component}:{key}")."""
-    digest = hashlib.sha256(f"{global_seed}:{component}:{key}".encode()).digest()
-    seed = int.from_bytes(digest[:8], "little") & (2**63 - 1)
-    generator = torch.Generator("cpu").manual_seed(seed)
+    generator = torch.Generator("cpu").manual_seed(derive_seed(f"{global_seed}:{component}:{key}"))
     return torch.randn(shape, generator=generator, dtype=torch.float32)
 
 
