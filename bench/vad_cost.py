@@ -39,11 +39,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import silero_vad  # noqa: E402
 
 from tests.speech import RATE, join, silence, speak, to_int16, trim  # noqa: E402
-from vad import PauseDetector, VadOptions, turns_in_recording  # noqa: E402
+from turn_latency import measure  # noqa: E402  (bench/ is on sys.path: it is this script's folder)
+from vad import PauseDetector, VadOptions  # noqa: E402
 
 LENGTHS = (5, 30, 120)
 CHUNK_SECS = 0.5
 MIC_RATE = 48_000
+ONE_LONG_TURN = VadOptions(max_utterance_secs=10_000)  # max_utterance_secs out of the way: the turn never ends
 PHRASES = (
     "so we drove up the coast road in the morning",
     "and stopped at every little harbour along the way",
@@ -64,18 +66,16 @@ def monologue(seconds: float) -> np.ndarray:
 
 
 def detector_ms_per_s(audio: np.ndarray) -> tuple[float, int]:
-    """CPU ms per audio second of the streaming detector, and the turns it ended (0 expected: one long
-    utterance, with max_utterance_secs out of the way so the whole recording is one turn in progress)."""
-    detector = PauseDetector(VadOptions(max_utterance_secs=10_000))
-    started = time.process_time()
-    turns = turns_in_recording(MIC_RATE, audio, CHUNK_SECS, detector)
-    return (time.process_time() - started) * 1000 / (len(audio) / MIC_RATE), len(turns)
+    """CPU ms per audio second of the streaming detector, measured as bench/turn_latency.py does, and the
+    turns it ended (0 expected: the whole recording is one turn in progress)."""
+    turns, cost = measure(MIC_RATE, audio, CHUNK_SECS, ONE_LONG_TURN)
+    return cost, len(turns)
 
 
 def detector_cost_along(audio: np.ndarray, segment_secs: float = 20.0) -> list[float]:
     """Median CPU ms per audio second of the chunks in each `segment_secs` of one long utterance: flat if the
     cost of a chunk does not depend on how long the user has been talking."""
-    detector = PauseDetector(VadOptions(max_utterance_secs=10_000))
+    detector = PauseDetector(ONE_LONG_TURN)
     chunk = round(CHUNK_SECS * MIC_RATE)
     costs = []
     for begin in range(0, len(audio), chunk):
