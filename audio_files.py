@@ -10,7 +10,6 @@ import shutil
 import struct
 import tempfile
 import uuid
-import wave
 from pathlib import Path
 
 import lameenc
@@ -30,7 +29,7 @@ class TurnFiles:
     def user_wav(self, turn: int, samples: np.ndarray, sample_rate: int) -> Path:
         """Write float samples in [-1, 1] as 16-bit mono WAV."""
         path = self.folder / f"turn-{turn:03d}-user.wav"
-        write_wav(path, float_to_pcm16(samples), sample_rate)
+        path.write_bytes(wav_bytes(float_to_pcm16(samples), sample_rate))
         return path
 
     def reply_mp3(self, turn: int, pcm: bytes, sample_rate: int) -> Path:
@@ -44,21 +43,15 @@ class TurnFiles:
 
 
 def float_to_pcm16(samples: np.ndarray) -> bytes:
+    """Float samples in [-1, 1] as s16le bytes; NaN becomes silence and overshoot is clipped, never wrapped."""
     clipped = np.clip(np.nan_to_num(np.asarray(samples, dtype=np.float32)), -1.0, 1.0)
     return (clipped * 32767.0).round().astype("<i2").tobytes()
 
 
-def write_wav(path: Path, pcm: bytes, sample_rate: int) -> None:
-    with wave.open(str(path), "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(sample_rate)
-        out.writeframes(pcm)
-
-
 def wav_bytes(pcm: bytes, sample_rate: int) -> bytes:
     """A complete in-memory WAV of s16le mono PCM: the cheapest chunk Gradio's stream encoder reads (stdlib,
-    no subprocess, no cache file), so a reply piece reaches the player as it is."""
+    no subprocess, no cache file), so a reply piece reaches the player as it is. Also the app's one WAV writer
+    (user turns, the utterance sent to the server)."""
     size = len(pcm) - len(pcm) % 2
     header = struct.pack(
         "<4sI4s4sIHHIIHH4sI",

@@ -13,7 +13,6 @@ import atexit
 import base64
 import collections
 import enum
-import io
 import json
 import logging
 import queue
@@ -21,7 +20,6 @@ import subprocess
 import sys
 import threading
 import time
-import wave
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,8 @@ import numpy as np
 import requests
 import soxr
 import urllib3
+
+from audio_files import float_to_pcm16, wav_bytes
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +94,7 @@ def utterance_wav(samples: np.ndarray, sample_rate: int = UTTERANCE_SAMPLE_RATE)
         floats = floats.mean(axis=1)
     if sample_rate != UTTERANCE_SAMPLE_RATE:
         floats = soxr.resample(floats, sample_rate, UTTERANCE_SAMPLE_RATE)
-    pcm = (np.clip(floats, -1.0, 1.0) * 32767.0).round().astype("<i2")
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(UTTERANCE_SAMPLE_RATE)
-        out.writeframes(pcm.tobytes())
-    return buffer.getvalue()
+    return wav_bytes(float_to_pcm16(floats), UTTERANCE_SAMPLE_RATE)
 
 
 def stream_reply(
