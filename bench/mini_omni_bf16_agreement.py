@@ -14,21 +14,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from omni_server.mini_omni import recipe  # noqa: E402
-from omni_server.mini_omni.config import GPTConfig, WhisperDims  # noqa: E402
-from omni_server.mini_omni.generate import MiniOmniModel, generate_steps  # noqa: E402
-from omni_server.mini_omni.whisper import WhisperEncoder  # noqa: E402
-from tests.mini_omni_helpers import GOLDEN, load_golden, read_wav  # noqa: E402
+from omni_server.mini_omni.generate import generate_steps  # noqa: E402
+from tests.mini_omni_helpers import GOLDEN, golden_a_model, load_golden, read_wav  # noqa: E402
 
 
 def run(golden: dict, shared: Path, dtype: torch.dtype) -> tuple[list, str]:
-    seed = golden["meta"]["global_seed"]
-    config = GPTConfig.from_yaml(shared / GOLDEN / "golden_A_model_config.yaml")
-    dims = WhisperDims(**golden["meta"]["whisper_dims"])
-    encoder = WhisperEncoder.from_whisper_state_dict(
-        dims, recipe.whisper_state_dict(dims, seed, encoder_only=True), "cpu", dtype
-    )
-    model = MiniOmniModel.from_state_dicts(config, recipe.gpt_state_dict(config, seed), encoder, "cpu", dtype)
+    model = golden_a_model(shared, golden, dtype)
     audio = read_wav(shared / GOLDEN / golden["meta"]["wav"])
     generation = generate_steps(model, audio, golden["meta"]["max_tokens"])
     steps = [(s.audio, s.text) for s in generation]

@@ -1,4 +1,4 @@
-"""Test material for the mini-omni engine: tokenizers built on the spot and golden-file readers."""
+"""Test material for the mini-omni engine: tokenizers built on the spot, golden-file readers, the golden-A model."""
 
 from __future__ import annotations
 
@@ -12,7 +12,11 @@ import numpy as np
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from omni_server.mini_omni import recipe
 from omni_server.mini_omni.codec import Frame, FrameAssembler
+from omni_server.mini_omni.config import GPTConfig, WhisperDims
+from omni_server.mini_omni.gpt import MiniOmniModel
+from omni_server.mini_omni.whisper import WhisperEncoder
 
 GOLDEN = Path("mini-omni") / "golden"
 ENDOFTEXT = 151_643  # Qwen2's <|endoftext|>
@@ -85,6 +89,17 @@ def load_golden(shared_dir: Path, name: str) -> tuple[dict, dict]:
     with np.load(folder / f"{name}.npz") as npz:
         arrays = {key: npz[key] for key in npz.files}
     return json.loads((folder / f"{name}.json").read_text()), arrays
+
+
+def golden_a_model(shared_dir: Path, golden: dict, dtype: torch.dtype) -> MiniOmniModel:
+    """The model of golden case A on the CPU: its config and whisper dims, recipe weights of its seed."""
+    seed = golden["meta"]["global_seed"]
+    config = GPTConfig.from_yaml(shared_dir / GOLDEN / "golden_A_model_config.yaml")
+    dims = WhisperDims(**golden["meta"]["whisper_dims"])
+    encoder = WhisperEncoder.from_whisper_state_dict(
+        dims, recipe.whisper_state_dict(dims, seed, encoder_only=True), "cpu", dtype
+    )
+    return MiniOmniModel.from_state_dicts(config, recipe.gpt_state_dict(config, seed), encoder, "cpu", dtype)
 
 
 def golden_noise(shared_dir: Path, name: str, chunks: int) -> tuple[list[list[np.ndarray]], list[np.ndarray]]:

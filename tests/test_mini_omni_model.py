@@ -28,8 +28,8 @@ from omni_server.mini_omni.generate import (
 )
 from omni_server.mini_omni.gpt import MiniOmniModel
 from omni_server.mini_omni.head import HeadSlice
-from omni_server.mini_omni.whisper import WhisperEncoder, feature_length, log_mel
-from tests.mini_omni_helpers import GOLDEN, chirp_audio, load_golden, read_wav
+from omni_server.mini_omni.whisper import feature_length, log_mel
+from tests.mini_omni_helpers import GOLDEN, chirp_audio, golden_a_model, load_golden, read_wav
 
 SEED_A = 1234
 
@@ -47,13 +47,8 @@ def case_a(shared_dir: Path) -> tuple[dict, dict, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def model_a(shared_dir: Path, case_a) -> MiniOmniModel:
-    golden = case_a[0]
-    config = GPTConfig.from_yaml(shared_dir / GOLDEN / "golden_A_model_config.yaml")
-    dims = WhisperDims(**golden["meta"]["whisper_dims"])
-    encoder = WhisperEncoder.from_whisper_state_dict(
-        dims, recipe.whisper_state_dict(dims, SEED_A, encoder_only=True), "cpu", torch.float32
-    )
-    return MiniOmniModel.from_state_dicts(config, recipe.gpt_state_dict(config, SEED_A), encoder, "cpu", torch.float32)
+    assert case_a[0]["meta"]["global_seed"] == SEED_A
+    return golden_a_model(shared_dir, case_a[0], torch.float32)
 
 
 def test_recipe_reproduces_golden_a_weights(shared_dir: Path) -> None:
