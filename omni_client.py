@@ -30,6 +30,7 @@ import soxr
 import urllib3
 
 from audio_files import float_to_pcm16, wav_bytes
+from omni_server import LISTENING_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -495,9 +496,6 @@ class LaunchError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
-
-
-LISTENING_PREFIX = "omni_server listening on "  # the line `python -m omni_server` prints once bound
 
 
 class LocalServer:
