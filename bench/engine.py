@@ -1,6 +1,7 @@
 """The mini-omni engine end to end on the full-size config: load, whisper, prefill, steps, first PCM piece.
 
-Usage: python bench/engine.py [--checkpoint DIR] [--steps 64] [--requests 2] [--dtypes fp32 bf16] [--threads N]
+Usage: python bench/engine.py [--checkpoint DIR] [--device cpu|cuda] [--steps 64] [--requests 2]
+                              [--dtypes fp32 bf16] [--threads N]
 
 Without --checkpoint, writes recipe weights of the real size (SPEC §2-§3, §14: seed 7, eoa gain 0.3,
 whisper-small in fp16, SNAC, a word tokenizer) to a temporary folder outside the repo; no download. Each
@@ -51,11 +52,11 @@ def rss_gb() -> float:
 # ------------------------------------------------------------------------------------------ worker
 
 
-def measure(checkpoint: Path, dtype: str, steps: int, requests: int, stride: int) -> dict:
+def measure(checkpoint: Path, device: str, dtype: str, steps: int, requests: int, stride: int) -> dict:
     """One precision in this process: load (with its phases), then `requests` identical requests."""
     marks: dict[str, float] = {}
     began = time.perf_counter()
-    engine = MiniOmniEngine(checkpoint, device="cpu", dtype=dtype)
+    engine = MiniOmniEngine(checkpoint, device=device, dtype=dtype)
     engine.load(lambda stage: marks.setdefault(stage, time.perf_counter() - began))
     load_s = time.perf_counter() - began
     rss_after_load = rss_gb()
@@ -89,12 +90,14 @@ def measure(checkpoint: Path, dtype: str, steps: int, requests: int, stride: int
             }
         )
     return {
+        "device": str(engine.device),
         "dtype": dtype,
         "torch_threads": torch.get_num_threads(),
         "load_s": round(load_s, 2),
         "load_phases_s": {k: round(v, 2) for k, v in marks.items()},
         "rss_after_load_gb": round(rss_after_load, 2),
         "peak_rss_gb": round(peak_rss_gb(), 2),
+        **cuda_memory(engine.device),
         "prompt_positions": prompt_length(audio),
         "stream_stride": stride,
         "requests": replies,
@@ -116,6 +119,13 @@ def model_step_ms(engine: MiniOmniEngine, audio, max_tokens: int) -> float:
     began = time.perf_counter()
     count = sum(1 for _ in steps)
     return round(1000 * (time.perf_counter() - began) / count, 1)
+
+
+def cuda_memory(device: torch.device) -> dict:
+    """Peak GPU memory, where the model runs on one (host RSS says little there)."""
+    if device.type != "cuda":
+        return {}
+    return {"cuda_peak_allocated_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 2)}
 
 
 # --------------------------------------------------------------------------------------- controller
@@ -158,7 +168,8 @@ def golden_bf16_agreement(shared: Path) -> dict | None:
 
 
 def run_worker(checkpoint: Path, dtype: str, args: argparse.Namespace) -> dict:
-    command = [sys.executable, __file__, "--worker", "--checkpoint", str(checkpoint), "--dtypes", dtype,
+    command = [sys.executable, __file__, "--worker", "--checkpoint", str(checkpoint), "--device", args.device,
+               "--dtypes", dtype,
                "--steps", str(args.steps), "--requests", str(args.requests), "--stride", str(args.stride),
                "--threads", str(args.threads)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -174,13 +185,14 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2)
     parser.add_argument("--stride", type=int, default=4)
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--device", default="cpu", help="cpu (the default, as the issue's targets) or cuda")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads per worker")
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         torch.set_num_threads(args.threads)
-        print(json.dumps(measure(args.checkpoint, args.dtypes[0], args.steps, args.requests, args.stride)))
+        print(json.dumps(measure(args.checkpoint, args.device, args.dtypes[0], args.steps, args.requests, args.stride)))
         return
 
     result: dict = {"load_average_before": os.getloadavg()}
