@@ -7,6 +7,7 @@ the moment it is read, so nothing is held back beyond one server read.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from audio_files import TurnFiles, encode_mp3, wav_bytes
 from history import TurnFigures, assistant_turn, user_turn
 from state import Conversation, HeardTurn, Phase, Reply
 from vad import VAD_SAMPLE_RATE, to_mono_float
+
+log = logging.getLogger(__name__)
 
 
 class ModelServer(Protocol):
@@ -99,6 +102,9 @@ def answer(
             yield from _stream_to_player(conversation, reply, stream, server.description)
     except omni_client.ReplyError as failure:
         error = failure.message
+    except Exception:  # a bug, not the server: still a sentence, a kept turn and a microphone that re-arms
+        log.exception("answering turn %d failed", reply.turn.number)
+        error = "Something went wrong in the app while answering (the details are in its log)."
     if reply.cancel.is_set() or not conversation.finish_reply(reply):
         return
     outcome = None if error is None else ("cut short: " if reply.pcm else "failed: ") + error

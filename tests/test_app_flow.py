@@ -197,6 +197,26 @@ def test_an_unreachable_server_is_a_sentence(tmp_path: Path, question: np.ndarra
     assert steps[-1][3].startswith("record:")
 
 
+class BuggyServer:
+    """A model server whose request path raises what no one planned for (a bug, not a network failure)."""
+
+    description = "a buggy server"
+
+    def url_for_request(self) -> str:
+        raise RuntimeError("a bug in the app")
+
+
+def test_an_unforeseen_failure_is_still_a_sentence_and_keeps_the_turn(tmp_path: Path, question: np.ndarray) -> None:
+    handlers, session = Handlers(BuggyServer()), new_session(tmp_path)
+    talk(handlers, session, question)
+    with pytest.warns(UserWarning, match="went wrong"):
+        steps = list(handlers.recording_stopped(session))
+    _, chat, status, command = steps[-1]
+    assert "went wrong" in status and "a bug in the app" not in status and command.startswith("record:")
+    assert len(messages(chat, "user")) == 1 and "failed" in messages(chat, "assistant")[-1]
+    assert session.conversation.phase is Phase.LISTENING, "the conversation is not stuck waiting for the reply"
+
+
 def test_stop_cancels_the_reply_in_flight_and_keeps_the_history(
     tmp_path: Path, question: np.ndarray, echo_url: str
 ) -> None:
