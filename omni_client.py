@@ -539,14 +539,10 @@ class LocalServer:
 
     def start(self) -> str:
         """Launch the child and wait until it has bound its port (not until the model is loaded)."""
-        with self._lock:
-            if self.running:
-                return self.url
-            self._launch()
-            return self.url
+        return self.ensure_running()
 
     def ensure_running(self) -> str:
-        """Restart the child if it died (the URL changes); returns the current URL."""
+        """Launch the child, or restart it if it died (the URL changes); returns the current URL."""
         with self._lock:
             if self.running:
                 return self.url
