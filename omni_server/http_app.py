@@ -192,9 +192,7 @@ class _Writer:
         await self._deliver({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def json_error(self, status: int, message: str) -> None:
-        await self._deliver({"type": "http.response.start", "status": status,
-                             "headers": [(b"content-type", b"application/json")]})
-        self.started = True
+        await self.start(status, "application/json")
         await self._deliver({"type": "http.response.body", "body": _json({"error": message}), "more_body": False})
 
     async def _deliver(self, message: Message) -> None:
