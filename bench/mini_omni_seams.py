@@ -28,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from omni_server.mini_omni.codec import (  # noqa: E402
     FRAME_SAMPLES,
-    FrameAssembler,
     ReferenceStreamer,
     SeamlessStreamer,
     SnacCodec,
@@ -36,13 +35,13 @@ from omni_server.mini_omni.codec import (  # noqa: E402
     pcm_rounded,
 )
 from omni_server.mini_omni.recipe import write_snac  # noqa: E402
+from tests.mini_omni_helpers import all_frames, golden_steps  # noqa: E402
 
 
 def token_steps(shared: Path) -> tuple[str, list[tuple[int, ...]]]:
     golden = shared / "mini-omni" / "golden" / "golden_A.json"
     if golden.is_file():
-        lists = json.loads(golden.read_text())["list_output"][:7]
-        return "golden_A", [tuple(layer[k] for layer in lists) for k in range(len(lists[0]))]
+        return "golden_A", golden_steps(json.loads(golden.read_text()))
     rng = np.random.default_rng(0)
     return "random", [tuple(int(a) for a in rng.integers(0, 4096, 7)) for _ in range(43)]
 
@@ -88,10 +87,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         write_snac(Path(folder) / "snac", 1234)
         codec = SnacCodec.load(Path(folder) / "snac")
-    frames = FrameAssembler()
-    for audio in steps:
-        frames.push(audio)
-    whole_float = codec.decode(frames.frames(0, len(frames)), 0, ZeroNoise())
+    frames = all_frames(steps)
+    whole_float = codec.decode(frames, 0, ZeroNoise())
     whole = np.frombuffer(pcm_rounded(whole_float), dtype="<i2").astype(np.int64)
     reference_pieces, reference_seconds = run(ReferenceStreamer(codec, args.stride, ZeroNoise()), steps)
     default_pieces, default_seconds = run(SeamlessStreamer(codec, args.stride, ZeroNoise()), steps)
