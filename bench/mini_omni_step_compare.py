@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from omni_server.mini_omni import recipe  # noqa: E402
 from omni_server.mini_omni.config import AUDIO_LAYERS  # noqa: E402
-from omni_server.mini_omni.generate import MiniOmniModel, Step, decode_ids, prompt_ids  # noqa: E402
-from omni_server.mini_omni.gpt import GPT, apply_rope, rms_norm  # noqa: E402
+from omni_server.mini_omni.generate import Step, decode_ids, prompt_ids  # noqa: E402
+from omni_server.mini_omni.gpt import GPT, MiniOmniModel, apply_rope, rms_norm  # noqa: E402
 
 
 class ReferenceStyleStep:
