@@ -34,24 +34,26 @@ def feature_length(num_samples: int) -> int:
     return min(math.floor(duration_ms / 20) + 1, MAX_FEATURES)
 
 
+# Slaney's mel scale: linear below 1 kHz, logarithmic above (the constants both directions share).
+_HZ_PER_MEL = 200.0 / 3
+_MIN_LOG_HZ = 1000.0
+_MIN_LOG_MEL = _MIN_LOG_HZ / _HZ_PER_MEL
+_LOG_STEP = math.log(6.4) / 27.0
+
+
 def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
-    """Slaney's mel scale: linear below 1 kHz, logarithmic above."""
     hz = np.asarray(hz, dtype=np.float64)
-    f_sp = 200.0 / 3
-    mel = hz / f_sp
-    min_log_hz, min_log_mel, logstep = 1000.0, 1000.0 / f_sp, math.log(6.4) / 27.0
-    log_region = hz >= min_log_hz
-    mel[log_region] = min_log_mel + np.log(hz[log_region] / min_log_hz) / logstep
+    mel = hz / _HZ_PER_MEL
+    log_region = hz >= _MIN_LOG_HZ
+    mel[log_region] = _MIN_LOG_MEL + np.log(hz[log_region] / _MIN_LOG_HZ) / _LOG_STEP
     return mel
 
 
 def _mel_to_hz(mel: np.ndarray) -> np.ndarray:
     mel = np.asarray(mel, dtype=np.float64)
-    f_sp = 200.0 / 3
-    hz = mel * f_sp
-    min_log_hz, min_log_mel, logstep = 1000.0, 1000.0 / f_sp, math.log(6.4) / 27.0
-    log_region = mel >= min_log_mel
-    hz[log_region] = min_log_hz * np.exp(logstep * (mel[log_region] - min_log_mel))
+    hz = mel * _HZ_PER_MEL
+    log_region = mel >= _MIN_LOG_MEL
+    hz[log_region] = _MIN_LOG_HZ * np.exp(_LOG_STEP * (mel[log_region] - _MIN_LOG_MEL))
     return hz
 
 
