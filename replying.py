@@ -8,6 +8,7 @@ the moment it is read, so nothing is held back beyond one server read.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
@@ -89,14 +90,8 @@ def answer(
     error: str | None = None
     try:
         yield Progress(f"Thinking… ({seconds:.1f} s of speech sent to {server.description})")
-        stream = omni_client.stream_reply(
-            server.url_for_request(),
-            omni_client.utterance_wav(reply.turn.utterance.audio, VAD_SAMPLE_RATE),
-            stall_timeout_s=settings.stall_timeout_s,
-            connect_timeout_s=settings.connect_timeout_s,
-            stream_text=True,
-            cancel=reply.cancel,
-        )
+        wav = omni_client.utterance_wav(reply.turn.utterance.audio, VAD_SAMPLE_RATE)
+        stream = _request_reply(server, wav, settings, cancel=reply.cancel)
         # closing(): when Gradio closes this generator (Stop), the request is dropped at once, freeing the server
         with closing(stream):
             yield from _stream_to_player(conversation, reply, stream, server.description)
@@ -116,6 +111,20 @@ def answer(
         yield Progress(LISTENING_STATUS, history_changed=True, rearm_mic=True)
     else:
         yield Progress(f"Speaking… ({server.description})", history_changed=True)
+
+
+def _request_reply(
+    server: ModelServer, wav: bytes, settings: ReplySettings, cancel: threading.Event | None = None
+) -> Iterator[omni_client.ReplyEvent]:
+    """The one way the app asks for a reply: the settings' timeouts, and the reply's text when the server has it."""
+    return omni_client.stream_reply(
+        server.url_for_request(),
+        wav,
+        stall_timeout_s=settings.stall_timeout_s,
+        connect_timeout_s=settings.connect_timeout_s,
+        stream_text=True,
+        cancel=cancel,
+    )
 
 
 def _stream_to_player(
@@ -155,10 +164,7 @@ def whole_reply(
     Raises omni_client.ReplyError with a plain sentence when the server fails."""
     wav = omni_client.utterance_wav(to_mono_float(samples), sample_rate)
     pcm, text = bytearray(), ""
-    for piece in omni_client.stream_reply(
-        server.url_for_request(), wav, stall_timeout_s=settings.stall_timeout_s,
-        connect_timeout_s=settings.connect_timeout_s, stream_text=True,
-    ):
+    for piece in _request_reply(server, wav, settings):
         if isinstance(piece, omni_client.ReplyAudio):
             pcm += piece.pcm
         elif isinstance(piece, omni_client.ReplyText):
