@@ -49,7 +49,7 @@ class Backend:
             if self._local is not None:
                 self._keep_local_server_up(self._local)
             else:
-                self._look()
+                self._check_health()
             self._closed.wait(WATCH_INTERVAL_S)
 
     def _keep_local_server_up(self, local: omni_client.LocalServer) -> None:
@@ -58,16 +58,20 @@ class Backend:
             if self._health.status is not HealthStatus.READY:
                 self._health = local.wait_ready(on_progress=self._show_progress, timeout_s=READY_TIMEOUT_S)
             else:
-                self._look()
+                self._check_health()
         except (omni_client.LaunchError, omni_client.ReplyError) as error:
             if not self._closed.is_set():
-                self._health = ServerHealth(HealthStatus.ERROR, self._health.engine, error.message)
+                self._show_error(error.message)
 
-    def _look(self) -> None:
+    def _check_health(self) -> None:
         try:
             self._health = omni_client.fetch_health(self.url)
         except omni_client.ReplyError as error:
-            self._health = ServerHealth(HealthStatus.ERROR, self._health.engine, error.message)
+            self._show_error(error.message)
+
+    def _show_error(self, sentence: str) -> None:
+        """Keep the engine's name, so the status line still says which server has the problem."""
+        self._health = ServerHealth(HealthStatus.ERROR, self._health.engine, sentence)
 
     def _show_progress(self, sentence: str) -> None:
         self._progress = sentence
