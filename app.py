@@ -122,6 +122,8 @@ class Handlers:
         return (self._idle_status() if idle else gr.skip()), line
 
     def recording_started(self, session: Session, pause_secs: float, start_secs: float) -> object:
+        """Record was clicked, by the user or by the app re-arming: a new turn with the page's turn options.
+        Skipped while the last turn is still being answered, so the status keeps saying what happens."""
         options = VadOptions(pause_secs=float(pause_secs), start_secs=float(start_secs))
         if not session.conversation.listen(options):
             return gr.skip()
@@ -169,6 +171,8 @@ class Handlers:
             )
 
     def playback_ended(self, session: Session) -> tuple[object, object]:
+        """The player reached the reply's end: re-arm the microphone, unless the reply is still streaming (the
+        player only caught up with it) or the user pressed Stop."""
         conversation = session.conversation
         if not conversation.playback_ended():
             return gr.skip(), gr.skip()
@@ -211,6 +215,7 @@ class Handlers:
 
 
 def build_demo(handlers: Handlers) -> gr.Blocks:
+    """The page, wired to `handlers`; a function so tests can build it around a backend of their own."""
     with gr.Blocks(title="omni-voice-chat", analytics_enabled=False) as demo:
         session = gr.State(None, delete_callback=close_session)
         gr.Markdown("# omni-voice-chat\nTalk, pause, and hear the model answer. It listens again after each reply.")

@@ -99,6 +99,8 @@ class Backend:
 
     @property
     def ready(self) -> bool:
+        """Whether turns can be sent. A server without /health (the original mini-omni) counts as ready: only a
+        turn can tell more about it."""
         return self._health.status in (HealthStatus.READY, HealthStatus.UNKNOWN)
 
     def status_line(self) -> str:

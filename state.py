@@ -150,10 +150,12 @@ class Conversation:
             return self.reply
 
     def queued(self, reply: Reply) -> bool:
+        """The server put this reply in line behind other conversations (THINKING -> QUEUED)."""
         with self._lock:
             return self.reply is reply and self.phase is Phase.THINKING and self._move(Phase.QUEUED)
 
     def unqueued(self, reply: Reply) -> bool:
+        """The server has started on this reply (QUEUED -> THINKING)."""
         with self._lock:
             return self.reply is reply and self.phase is Phase.QUEUED and self._move(Phase.THINKING)
 
