@@ -58,6 +58,9 @@ class RequestRejected(ValueError):
 
 ProgressCallback = Callable[[str], None]
 
+LoadReport = Callable[[str, str], None]
+"""Called as `report(engine_name, detail)` while an engine is chosen and loaded: `("mini-omni", "loading weights")`."""
+
 
 class Engine(Protocol):
     name: str

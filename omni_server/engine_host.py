@@ -10,11 +10,11 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from omni_server.engine import Engine, EngineStatus
+from omni_server.engine import Engine, EngineStatus, LoadReport
 
 log = logging.getLogger(__name__)
 
-Loader = Callable[[Callable[[str, str], None]], tuple[Engine, str]]
+Loader = Callable[[LoadReport], tuple[Engine, str]]
 """Loads an engine, calling `report(engine_name, detail)` on the way; returns it and a sentence about it."""
 
 

@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from omni_server.echo import EchoEngine
-from omni_server.engine import Engine
+from omni_server.engine import Engine, LoadReport
 
 log = logging.getLogger(__name__)
 
 MINI_OMNI = "mini-omni"
-
-LoadReport = Callable[[str, str], None]
-"""Called as `report(engine_name, detail)` while loading, e.g. `("mini-omni", "loading weights")`."""
 
 
 class EngineChoice(str, enum.Enum):
