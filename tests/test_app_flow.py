@@ -29,7 +29,7 @@ from omni_server.echo import EchoEngine
 from replying import LISTENING_STATUS, PLAYER_LEAD_IN, ReplySettings
 from state import Conversation, Phase
 from tests.reference_server import Behaviour, ReferenceServer, Script
-from tests.servers import serving_engine
+from tests.servers import serving_engine, wait_for
 from tests.browser_harness import free_port
 from tests.speech import espeak_available, join, silence, speak, write_wav
 
@@ -233,10 +233,7 @@ def test_stop_cancels_the_reply_in_flight_and_keeps_the_history(
     assert "stopped" in figures and 0 < mp3_seconds(reply_mp3["path"]) < wav_seconds(messages(chat, "user")[0]["path"])
     assert list(replying) == [], "the cancelled reply sends nothing more"
     assert handlers.playback_ended(session) == (app.gr.skip(), app.gr.skip()), "nothing re-arms after Stop"
-    deadline = time.monotonic() + 3
-    while fetch_health(echo_url).busy:
-        assert time.monotonic() < deadline, "the server must be freed for the next request"
-        time.sleep(0.05)
+    wait_for(lambda: not fetch_health(echo_url).busy, timeout=3, what="the server to be freed for the next request")
 
 
 def test_two_tabs_keep_their_own_turns(tmp_path: Path, echo_url: str) -> None:
@@ -314,10 +311,7 @@ def test_the_launched_server_reports_progress_restarts_when_it_dies_and_stops_wi
         process.kill()
         process.wait()
         new_url = backend.url_for_request()  # a turn after the crash restarts it first
-        deadline = time.monotonic() + 30
-        while fetch_health(new_url).status.value != "ready":
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        wait_for(lambda: fetch_health(new_url).status.value == "ready", timeout=30, what="the restarted server")
         restarted = backend._local._process
         assert restarted is not process and restarted.poll() is None
     finally:
