@@ -7,6 +7,7 @@ temporary folder and always runs.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import shutil
 from pathlib import Path
@@ -30,7 +31,9 @@ from omni_server.mini_omni.codec import (
 from omni_server.mini_omni.config import EOT, WHISPER_TINY, GPTConfig
 from omni_server.mini_omni.engine import MiniOmniEngine, pick_dtype, request_seed
 from omni_server.mini_omni.generate import generate_steps, prompt_length
+from omni_server.mini_omni.gpt import MiniOmniModel
 from omni_server.mini_omni.text import load_tokenizer
+from omni_server.mini_omni.whisper import WhisperEncoder
 from tests import mini_omni_helpers as helpers
 from tests.mini_omni_helpers import GOLDEN, chirp_audio, golden_noise, load_golden, pcm, read_wav, word_tokenizer
 
@@ -218,6 +221,20 @@ def test_check_rejects_requests_that_cannot_give_audio(default_engine, reference
     assert rejected(default_engine, max_tokens=t + 7) and not rejected(default_engine, max_tokens=t + 8)
     assert rejected(reference_engine, max_tokens=t + 10) and not rejected(reference_engine, max_tokens=t + 11)
     assert rejected(default_engine, audio=np.zeros(30 * 16_000 + 1, dtype=np.float32))
+
+
+def test_check_bounds_max_tokens_by_the_loaded_models_context(chirp) -> None:
+    """A checkpoint with a shorter context than 2048 is refused before anything streams, not mid-generation."""
+    short = dataclasses.replace(TINY, block_size=128)
+    whisper = recipe.whisper_state_dict(WHISPER_TINY, TINY_SEED, encoder_only=True)
+    encoder = WhisperEncoder.from_whisper_state_dict(WHISPER_TINY, whisper, "cpu", torch.float32)
+    engine = MiniOmniEngine(None, device="cpu")
+    engine._model = MiniOmniModel.from_state_dicts(
+        short, recipe.gpt_state_dict(short, TINY_SEED), encoder, "cpu", torch.float32
+    )
+    engine.check(ChatRequest(audio=chirp, max_tokens=129))
+    with pytest.raises(RequestRejected, match="its context is 128"):
+        engine.check(ChatRequest(audio=chirp, max_tokens=130))
 
 
 def test_smallest_accepted_max_tokens_gives_audio(default_engine, reference_engine, chirp) -> None:
