@@ -10,6 +10,7 @@ from contextlib import contextmanager
 
 import uvicorn
 
+from omni_server.echo import EchoEngine
 from omni_server.engine import Engine
 from omni_server.engine_host import EngineHost
 from omni_server.http_app import create_app
@@ -47,6 +48,27 @@ def ready_host(engine: Engine, note: str = "test engine") -> EngineHost:
 def serving_engine(engine: Engine) -> Iterator[str]:
     with serving_app(create_app(ready_host(engine))) as url:
         yield url
+
+
+@contextmanager
+def serving_while_loading(progress: str, note: str = "echo") -> Iterator[tuple[str, threading.Event]]:
+    """Our server whose mini-omni engine is loading, reporting `progress`, until the test sets the yielded event;
+    then the echo engine becomes ready (with `note` as its health detail). Yields (URL, event)."""
+    release = threading.Event()
+
+    def loader(report):
+        report("mini-omni", progress)
+        release.wait(timeout=10)
+        return EchoEngine(), note
+
+    host = EngineHost(loader, "mini-omni")
+    with serving_app(create_app(host)) as url:
+        host.start_loading()
+        wait_for(lambda: host.health.detail == progress, what="loading progress")
+        try:
+            yield url, release
+        finally:
+            release.set()
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:

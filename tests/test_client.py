@@ -26,10 +26,8 @@ from omni_client import (
     utterance_wav,
 )
 from omni_server.echo import EchoEngine
-from omni_server.engine_host import EngineHost
-from omni_server.http_app import create_app
 from tests.reference_server import Behaviour, ReferenceServer, Script
-from tests.servers import serving_app, serving_engine, wait_for
+from tests.servers import serving_engine, serving_while_loading, wait_for
 from tests.test_server import PIECE, ScriptedEngine, tone
 
 WAV = utterance_wav(tone(0.5))
@@ -107,20 +105,10 @@ def test_a_4xx_shows_the_servers_sentence() -> None:
 
 
 def test_a_loading_server_is_not_ready_with_its_progress() -> None:
-    release = threading.Event()
-
-    def loader(report):
-        report("mini-omni", "warming up")
-        release.wait(timeout=10)
-        return EchoEngine(), "echo"
-
-    host = EngineHost(loader, "mini-omni")
-    with serving_app(create_app(host)) as url:
-        host.start_loading()
-        wait_for(lambda: fetch_health(url).detail == "warming up", what="loading progress")
+    with serving_while_loading("warming up") as (url, _release):
+        assert fetch_health(url).detail == "warming up"
         assert fetch_health(url).status is HealthStatus.LOADING
         events, error = collect(url)
-        release.set()
     assert events == []
     assert error.kind is FailureKind.NOT_READY
     assert "still starting (warming up)" in error.message

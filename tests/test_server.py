@@ -18,7 +18,7 @@ from omni_server.echo import EchoEngine
 from omni_server.engine import AudioPiece, ChatRequest, EngineStatus, ProgressCallback, RequestRejected, TextPiece
 from omni_server.engine_host import EngineHost
 from omni_server.http_app import create_app
-from tests.servers import serving_app, serving_engine, wait_for
+from tests.servers import serving_app, serving_engine, serving_while_loading, wait_for
 from tests.speech import silence, to_int16, wav_bytes
 
 TIMEOUT = (2, 10)
@@ -304,17 +304,7 @@ def test_a_client_that_stops_reading_does_not_hold_the_turn() -> None:
 # --- health -----------------------------------------------------------------------------------------
 
 def test_health_reports_loading_progress_then_ready_and_chat_waits_with_503() -> None:
-    release = threading.Event()
-
-    def loader(report):
-        report("mini-omni", "loading weights")
-        release.wait(timeout=10)
-        return EchoEngine(), "echo engine: chosen by the test"
-
-    host = EngineHost(loader, "mini-omni")
-    with serving_app(create_app(host)) as url:
-        host.start_loading()
-        wait_for(lambda: health(url)["detail"] == "loading weights", what="progress")
+    with serving_while_loading("loading weights", note="echo engine: chosen by the test") as (url, release):
         assert health(url) == {"status": "loading", "engine": "mini-omni", "detail": "loading weights",
                                "busy": False, "waiting": 0}
         refused = requests.post(f"{url}/chat", json=chat_body(), timeout=TIMEOUT)
