@@ -178,7 +178,7 @@ class SpeechScorer:
             return np.zeros(0, dtype=np.float32)
         with_context = np.concatenate([self._context, samples[: count * WINDOW_SAMPLES]])
         frames = np.lib.stride_tricks.sliding_window_view(with_context, _CONTEXT_SAMPLES + WINDOW_SAMPLES)
-        frames = np.ascontiguousarray(frames[::WINDOW_SAMPLES])
+        frames = np.array(frames[::WINDOW_SAMPLES])  # a writable copy: torch refuses to wrap a read-only view
         probabilities, self._lstm_state = _model_thread().submit(self._run, frames, self._lstm_state).result()
         self._context = with_context[-_CONTEXT_SAMPLES:].copy()
         return probabilities
