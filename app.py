@@ -142,7 +142,10 @@ class Handlers:
             return gr.skip(), f"{error} The microphone was switched off.", conversation.mic_command(MicAction.STOP)
         if heard is None:
             return gr.skip(), gr.skip(), gr.skip()
-        file_user_turn(conversation, heard, session.files)
+        try:
+            file_user_turn(conversation, heard, session.files)
+        except OSError as error:  # e.g. a full disk: the turn is still answered, only its file is missing
+            gr.Warning(f"Your words could not be saved to the chat ({error.strerror or error}); answering anyway.")
         status = f"Thinking… ({heard.utterance.duration_s:.1f} s of speech heard)"
         if heard.utterance.reason is TurnEndReason.MAX_LENGTH:
             status = (f"Thinking… you spoke for {heard.utterance.duration_s:.0f} s without a pause, the longest "

@@ -28,14 +28,17 @@ class TurnFiles:
 
     def user_wav(self, turn: int, samples: np.ndarray, sample_rate: int) -> Path:
         """Write float samples in [-1, 1] as 16-bit mono WAV."""
-        path = self.folder / f"turn-{turn:03d}-user.wav"
-        path.write_bytes(wav_bytes(float_to_pcm16(samples), sample_rate))
-        return path
+        return self._write(f"turn-{turn:03d}-user.wav", wav_bytes(float_to_pcm16(samples), sample_rate))
 
     def reply_mp3(self, turn: int, pcm: bytes, sample_rate: int) -> Path:
         """Encode the whole reply (s16le mono) as one MP3."""
-        path = self.folder / f"turn-{turn:03d}-reply.mp3"
-        path.write_bytes(encode_mp3(pcm, sample_rate))
+        return self._write(f"turn-{turn:03d}-reply.mp3", encode_mp3(pcm, sample_rate))
+
+    def _write(self, name: str, data: bytes) -> Path:
+        """Write one file, re-making the folder if a temp-file cleaner removed it during a long conversation."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / name
+        path.write_bytes(data)
         return path
 
     def delete(self) -> None:

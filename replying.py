@@ -69,7 +69,14 @@ def file_user_turn(conversation: Conversation, heard: HeardTurn, files: TurnFile
 
 def file_reply(conversation: Conversation, reply: Reply, files: TurnFiles, outcome: str | None) -> None:
     """Put the reply, complete or not, into the history: one MP3 of all its audio, its text, its figures."""
-    mp3 = files.reply_mp3(reply.turn.number, bytes(reply.pcm), omni_client.REPLY_SAMPLE_RATE) if reply.pcm else None
+    mp3 = None
+    if reply.pcm:
+        try:
+            mp3 = files.reply_mp3(reply.turn.number, bytes(reply.pcm), omni_client.REPLY_SAMPLE_RATE)
+        except OSError as error:  # e.g. a full disk: the text and figures still go into the chat
+            log.warning("could not save the reply's audio: %s", error)
+            unsaved = f"the reply's audio could not be saved ({error.strerror or error})"
+            outcome = f"{outcome}; {unsaved}" if outcome else unsaved
     figures = TurnFigures(
         to_first_audio_s=reply.seconds_to_first_audio,
         reply_s=len(reply.pcm) / 2 / omni_client.REPLY_SAMPLE_RATE,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import ipaddress
 import re
+import shutil
 import socket
 import time
 import wave
@@ -215,6 +216,33 @@ def test_an_unforeseen_failure_is_still_a_sentence_and_keeps_the_turn(tmp_path: 
     assert "went wrong" in status and "a bug in the app" not in status and command.startswith("record:")
     assert len(messages(chat, "user")) == 1 and "failed" in messages(chat, "assistant")[-1]
     assert session.conversation.phase is Phase.LISTENING, "the conversation is not stuck waiting for the reply"
+
+
+def test_a_removed_audio_folder_is_made_again(tmp_path: Path, question: np.ndarray, echo_url: str) -> None:
+    """A temp-file cleaner may remove the session's folder during a long conversation: nothing is lost."""
+    handlers, session = Handlers(Backend(server_url=echo_url)), new_session(tmp_path)
+    shutil.rmtree(session.files.folder)
+    chat, _, command = talk(handlers, session, question)
+    assert command.startswith("stop:") and Path(messages(chat, "user")[0]["path"]).exists()
+    steps = list(handlers.recording_stopped(session))
+    reply_mp3 = messages(steps[-1][1], "assistant")[0]
+    assert Path(reply_mp3["path"]).exists()
+
+
+def test_an_unwritable_audio_folder_still_answers_the_turn(tmp_path: Path, question: np.ndarray, echo_url: str) -> None:
+    """When the user's WAV cannot be written (here the folder's path is taken by a file), the user is told,
+    the microphone still stops, and the turn is still answered."""
+    handlers, session = Handlers(Backend(server_url=echo_url)), new_session(tmp_path)
+    shutil.rmtree(session.files.folder)
+    session.files.folder.write_bytes(b"not a folder")
+    with pytest.warns(UserWarning, match="could not be saved"):
+        _, status, command = talk(handlers, session, question)
+    assert command.startswith("stop:") and status.startswith("Thinking")
+    assert session.conversation.phase is Phase.THINKING
+    steps = list(handlers.recording_stopped(session))
+    assert session.conversation.phase is not Phase.THINKING, "the turn was answered, not left waiting"
+    said = " ".join(m for m in messages(steps[-1][1], "assistant") if isinstance(m, str))
+    assert "(echo)" in said and "audio could not be saved" in said
 
 
 def test_stop_cancels_the_reply_in_flight_and_keeps_the_history(
