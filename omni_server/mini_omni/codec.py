@@ -199,19 +199,26 @@ class _Stage:
 
 
 def _decoder_stages(decoder: nn.Sequential, hop: int) -> list[_Stage]:
-    """Split `decoder.model` into rate stages, with each stage's scale and convolution reach."""
-    groups: list[list[nn.Module]] = [[]]
-    for layer in decoder:
-        if _upsampling(layer) > 1:
-            groups += [[layer], []]
-        else:
-            groups[-1].append(layer)
+    """Split `decoder.model` into stages, with each stage's scale and convolution reach.
+
+    The layers before the first upsampling form one stage (its local attention's windows are anchored to
+    the input's start, so its input must not be trimmed); after that each layer, down to the residual units
+    inside the decoder blocks, is a stage of its own, so every unit runs only where it is still needed."""
+    layers = [child for layer in decoder for child in _block_layers(layer)]
+    first_upsampling = next(i for i, layer in enumerate(layers) if _upsampling(layer) > 1)
+    groups = [layers[:first_upsampling], *([layer] for layer in layers[first_upsampling:])]
     stages, scale = [], hop
     for group in filter(None, groups):
         upsample = math.prod(_upsampling(layer) for layer in group)
         scale //= upsample
         stages.append(_Stage(nn.Sequential(*group), upsample, scale, _reach(group, scale)))
     return stages
+
+
+def _block_layers(layer: nn.Module) -> list[nn.Module]:
+    """A decoder block's own layers in order (snac's DecoderBlock keeps them in `block`), else the layer."""
+    block = getattr(layer, "block", None)
+    return list(block) if _upsampling(layer) > 1 and isinstance(block, nn.Sequential) else [layer]
 
 
 def _upsampling(layer: nn.Module) -> int:
@@ -231,14 +238,16 @@ def _reach(layers: list[nn.Module], scale: int) -> int:
 class _Snake(nn.Module):
     """snac's Snake1d, x + sin²(αx)/(α + 1e-9), in eager mode: the package's TorchScript version re-profiles
     for every new input length, which made each context-window decode (lengths vary) several times slower.
-    The same operations in the same order, so the same values."""
+    The same operations on the same values, so the same results, but in place on one new tensor: each fresh
+    multi-megabyte tensor costs page faults, which made the out-of-place chain several times slower."""
 
     def __init__(self, alpha: nn.Parameter) -> None:
         super().__init__()
         self.alpha = alpha
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + (self.alpha + 1e-9).reciprocal() * torch.sin(self.alpha * x).pow(2)
+        y = torch.mul(self.alpha, x).sin_().pow_(2)
+        return y.mul_((self.alpha + 1e-9).reciprocal()).add_(x)
 
 
 class SnacCodec:
