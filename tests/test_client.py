@@ -208,20 +208,20 @@ def test_reference_odd_total_length_is_garbage_after_the_audio() -> None:
     assert "not 16-bit audio" in error.message
 
 
-def test_reference_html_500_is_a_server_error() -> None:
-    with ReferenceServer(Script(behaviour=Behaviour.HTML_500)) as server:
+@pytest.mark.parametrize(
+    ("behaviour", "kind", "message"),
+    [
+        (Behaviour.HTML_500, FailureKind.SERVER_ERROR, "The model server failed to answer (HTTP 500 INTERNAL SERVER ERROR)"),
+        (Behaviour.EMPTY, FailureKind.EMPTY, "The model server answered without any audio."),
+    ],
+    ids=["html-500", "empty-body"],
+)
+def test_reference_failures_before_any_audio(behaviour: Behaviour, kind: FailureKind, message: str) -> None:
+    with ReferenceServer(Script(behaviour=behaviour)) as server:
         events, error = collect(server.url)
     assert events == []
-    assert error.kind is FailureKind.SERVER_ERROR
-    assert error.message == "The model server failed to answer (HTTP 500 INTERNAL SERVER ERROR)"
-
-
-def test_reference_empty_body_is_empty() -> None:
-    with ReferenceServer(Script(behaviour=Behaviour.EMPTY)) as server:
-        events, error = collect(server.url)
-    assert events == []
-    assert error.kind is FailureKind.EMPTY
-    assert error.message == "The model server answered without any audio."
+    assert error.kind is kind
+    assert error.message == message
 
 
 def test_a_stall_after_some_audio_keeps_the_audio() -> None:
