@@ -1,12 +1,13 @@
 """omni-voice-chat: talk in the browser, hear a speech-to-speech model answer, turn after turn.
 
 UI and wiring only. The logic lives in state.py (one conversation's phases), vad.py (when a turn ends),
-replying.py (one reply, streamed), backend.py (the model server) and history.py / audio_files.py.
+replying.py (one reply, streamed), live_link.py / live_route.py (the tab's live audio channel), backend.py
+(the model server) and history.py / audio_files.py.
 
-Microphone control. Gradio 6 reads a streaming microphone's `recording` prop only when it mounts, so a
-handler cannot switch it off or on by returning `gr.Audio(recording=...)`. Handlers therefore write a
-never-repeating command ("stop:7", "record:8") into a hidden textbox, and that textbox's change event runs a
-line of JavaScript that clicks the microphone's own stop or record button, as the user would.
+Audio does not go through Gradio: the page streams the microphone to the app and plays the reply over one
+WebSocket per conversation (`/live`, on the same port: `create_app` puts the Gradio page and that route on
+one FastAPI app). Gradio carries the rest: the Start and Stop clicks, the token that binds the socket to the
+tab, and the chat and status line, which a Start handler streams as the conversation changes.
 """
 
 from __future__ import annotations
@@ -17,89 +18,72 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 
 import argparse  # noqa: E402
 import atexit  # noqa: E402
+import html  # noqa: E402
 import itertools  # noqa: E402
+import json  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
+import time  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
+import uvicorn  # noqa: E402
+from fastapi import FastAPI  # noqa: E402
+from fastapi.staticfiles import StaticFiles  # noqa: E402
 
+import live_protocol  # noqa: E402
 import omni_client  # noqa: E402
-
 from audio_files import TurnFiles  # noqa: E402
 from backend import Backend  # noqa: E402
-from replying import LISTENING_STATUS, ReplySettings, answer, file_reply, file_user_turn, whole_reply  # noqa: E402
-from state import Conversation, MicAction, Phase  # noqa: E402
-from vad import AudioInputError, TurnEndReason, VadOptions  # noqa: E402
+from live_link import LiveLink, Send, status_line  # noqa: E402
+from live_route import LiveTokens, add_live_route  # noqa: E402
+from replying import ReplySettings, file_reply, whole_reply  # noqa: E402
+from state import Conversation, Phase  # noqa: E402
+from vad import AudioInputError, VadOptions  # noqa: E402
 
-# Seconds of microphone audio per chunk sent to the server. Shorter ends turns sooner (the pause is noticed
-# at the next chunk boundary) at the cost of more requests. 0.25 s is what the pause-detection trade-off in
-# README.md recommends: about 0.1 s sooner than 0.5 s chunks, for a small extra CPU cost.
-STREAM_EVERY_S = 0.25
+WEB_DIR = Path(__file__).resolve().parent / "web"
 DEFAULT_VAD = VadOptions()
 SERVER_CHECK_S = 1.0  # how often a tab refreshes the model server's line (loading progress, restarts)
+CONNECT_TIMEOUT_S = 10.0  # the page has this long to open its live channel after Start
+FOLLOW_CHECK_S = 5.0  # the conversation's follower looks at least this often, changes or not
+STOP_GRACE_S = 1.0  # Stop waits this long for the page's own stop over the socket (which knows what was heard)
 
-MIC_COMMAND_JS = """
-(command) => {
-    const action = (command || "").split(":")[0];
-    const selector = {stop: "#mic .stop-button", record: "#mic .record-button"}[action];
-    const button = selector && document.querySelector(selector);
-    if (button) button.click();
-}
-"""
+PREPARE_JS = "() => window.omniLive.prepare()"
+CONNECT_JS = "(token) => window.omniLive.connect(token)"
+STOP_JS = "() => window.omniLive.stop()"
 
-# Stop means quiet at once, in the browser, before the server has answered. Pausing the player is not
-# enough: Gradio's stream player may still be buffering the stopped reply and calls play() when its playlist
-# loads. So Stop also sets a page-wide "quiet" flag that pauses any reply that starts, until the user records
-# again.
-PAGE_JS = """
-() => {
-    window.omniVoiceChat = {quiet: false};
-    document.addEventListener("play", (event) => {
-        if (window.omniVoiceChat.quiet && event.target.closest && event.target.closest("#reply")) event.target.pause();
-    }, true);
-}
-"""
-QUIET_REPLY_JS = """
-() => {
-    window.omniVoiceChat.quiet = true;
-    document.querySelector("#reply audio")?.pause();
-}
-"""
-ALLOW_REPLY_JS = "() => { window.omniVoiceChat.quiet = false; }"
-
-WELCOME = "Click **Record** on the microphone and speak; the answer plays when you pause."
+WELCOME = "Click **Start** and speak; the answer plays when you pause, and you can talk over it to cut in."
 
 
 @dataclass
 class Session:
-    """One browser tab: its conversation and its audio files (deleted when Gradio drops the tab's state)."""
+    """One browser tab: its conversation, its audio files and its live channel, when one is open."""
 
     conversation: Conversation = field(default_factory=Conversation)
     files: TurnFiles = field(default_factory=TurnFiles)
+    link: LiveLink | None = None
     server_line_shown: str = ""
 
     def close(self) -> None:
-        self.conversation.stop()  # cancels a reply in flight, so its request frees the server
+        """The tab is gone: end the conversation (freeing the server) and delete its audio."""
+        if self.link is not None:
+            self.link.close()
+        self.conversation.stop()
         self.files.delete()
 
 
-def close_session(session: Session | None) -> None:
-    """gr.State's delete callback: Gradio drops a tab's state some time after the tab closes."""
-    if session is not None:
-        session.close()
-
-
 class Handlers:
-    """The page's event handlers. Plain methods, so tests call them directly without a browser."""
+    """The page's event handlers and the live channel's sessions. Plain methods, so tests call them
+    directly without a browser."""
 
     def __init__(self, backend: Backend, settings: ReplySettings = ReplySettings()) -> None:
         self.backend = backend
         self.settings = settings
+        self.tokens: LiveTokens[Session] = LiveTokens()
         self._api_files: TurnFiles | None = None
         self._api_lock = threading.Lock()
         self._api_replies = itertools.count(1)
@@ -111,9 +95,15 @@ class Handlers:
         session = Session(server_line_shown=self.backend.status_line())
         return session, self._idle_status(), session.server_line_shown
 
+    def close_session(self, session: Session | None) -> None:
+        """gr.State's delete callback: Gradio drops a tab's state some time after the tab closes."""
+        if session is not None:
+            self.tokens.revoke(session)
+            session.close()
+
     def server_tick(self, session: Session | None) -> tuple[object, object]:
         """Keep the server line current (loading progress, a restart, an error). The main status line
-        follows it only while the tab is idle, so it never hides what the conversation is doing."""
+        follows it only before a conversation, so it never hides what the conversation is doing."""
         line = self.backend.status_line()
         if session is None or line == session.server_line_shown:  # None: the page has not loaded yet
             return gr.skip(), gr.skip()
@@ -121,74 +111,54 @@ class Handlers:
         idle = session.conversation.phase is Phase.IDLE
         return (self._idle_status() if idle else gr.skip()), line
 
-    def recording_started(self, session: Session, pause_secs: float, start_secs: float) -> object:
-        """Record was clicked, by the user or by the app re-arming: a new turn with the page's turn options.
-        Skipped while the last turn is still being answered, so the status keeps saying what happens."""
-        options = VadOptions(pause_secs=float(pause_secs), start_secs=float(start_secs))
-        if not session.conversation.listen(options):
-            return gr.skip()
-        return LISTENING_STATUS
+    def options_changed(self, session: Session | None, pause_secs: float, start_secs: float, barge_in: bool) -> None:
+        """The turn options, for this tab's next turn."""
+        if session is not None:
+            options = VadOptions(pause_secs=float(pause_secs), start_secs=float(start_secs))
+            session.conversation.set_options(options, bool(barge_in))
 
-    def chunk(self, chunk: tuple[int, np.ndarray] | None, session: Session) -> tuple[object, object, object]:
-        """One microphone chunk. At the end of a turn: file the user's audio and stop the microphone."""
+    def start(self, session: Session) -> Iterator[tuple[object, object, object]]:
+        """Start clicked: hand the page a token for its live channel, then stream the chat and the status line
+        as the conversation changes, until it stops. Outputs: (token, chat, status)."""
         conversation = session.conversation
-        if chunk is None:
-            return gr.skip(), gr.skip(), gr.skip()
-        try:
-            heard = conversation.hear(*chunk)
-        except AudioInputError as error:
-            conversation.stop_listening()
-            gr.Warning(str(error))
-            return gr.skip(), f"{error} The microphone was switched off.", conversation.mic_command(MicAction.STOP)
-        if heard is None:
-            return gr.skip(), gr.skip(), gr.skip()
-        try:
-            file_user_turn(conversation, heard, session.files)
-        except OSError as error:  # e.g. a full disk: the turn is still answered, only its file is missing
-            gr.Warning(f"Your words could not be saved to the chat ({error.strerror or error}); answering anyway.")
-        status = f"Thinking… ({heard.utterance.duration_s:.1f} s of speech heard)"
-        if heard.utterance.reason is TurnEndReason.MAX_LENGTH:
-            status = (f"Thinking… you spoke for {heard.utterance.duration_s:.0f} s without a pause, the longest "
-                      "turn the model takes, so your turn ends here.")
-        return list(conversation.history), status, conversation.mic_command(MicAction.STOP)
+        if conversation.phase not in (Phase.IDLE, Phase.STOPPED):
+            return  # a double click: the running conversation's follower is at work
+        seen = conversation.version
+        yield self.tokens.issue(session), gr.skip(), "Opening the microphone…"
+        deadline = time.monotonic() + CONNECT_TIMEOUT_S
+        while conversation.phase in (Phase.IDLE, Phase.STOPPED):
+            if time.monotonic() > deadline:
+                self.tokens.revoke(session)
+                yield "", gr.skip(), ("The page could not open its live audio connection to the app (the microphone "
+                                      "was refused, or a proxy blocks WebSockets). Click **Start** to try again.")
+                return
+            seen = conversation.wait_for_change(seen, 0.25)
+        shown: tuple[list[dict], str] | None = None
+        while True:
+            view = (self._chat(conversation), status_line(conversation, self.backend.description))
+            if view != shown:
+                shown = view
+                yield gr.skip(), *view
+            if conversation.phase is Phase.STOPPED:
+                return
+            seen = conversation.wait_for_change(seen, FOLLOW_CHECK_S)
 
-    def recording_stopped(self, session: Session) -> Iterator[tuple[object, object, object, object]]:
-        """The microphone stopped: answer the heard turn (streaming the reply), or just idle if the user
-        switched it off themselves."""
-        conversation = session.conversation
-        reply = conversation.start_reply()
-        if reply is None:
-            if conversation.stop_listening():
-                yield gr.skip(), gr.skip(), "Microphone off. Click **Record** to talk.", gr.skip()
-            return
-        for step in answer(conversation, reply, self.backend, session.files, self.settings):
-            if reply.cancel.is_set():
-                return  # Stopped: the Stop handler has the last word on the page
-            if step.warning:
-                gr.Warning(step.warning)
-            yield (
-                step.audio if step.audio is not None else gr.skip(),
-                list(conversation.history) if step.history_changed else gr.skip(),
-                step.status if step.status is not None else gr.skip(),
-                conversation.mic_command(MicAction.RECORD) if step.rearm_mic else gr.skip(),
-            )
+    def stop(self, session: Session) -> tuple[list[dict], str]:
+        """Stop clicked: end the conversation, keeping everything heard and said so far. The page stops its
+        side over the socket first (which knows how much of the reply was heard); this is the fallback."""
+        link = session.link
+        if link is not None:
+            link.closed.wait(STOP_GRACE_S)
+            link.close()
+        for reply in session.conversation.stop():
+            file_reply(session.conversation, reply, session.files, stopped=True)
+        self.tokens.revoke(session)
+        return self._chat(session.conversation), status_line(session.conversation, self.backend.description)
 
-    def playback_ended(self, session: Session) -> tuple[object, object]:
-        """The player reached the reply's end: re-arm the microphone, unless the reply is still streaming (the
-        player only caught up with it) or the user pressed Stop."""
-        conversation = session.conversation
-        if not conversation.playback_ended():
-            return gr.skip(), gr.skip()
-        return LISTENING_STATUS, conversation.mic_command(MicAction.RECORD)
-
-    def stop(self, session: Session) -> tuple[object, object, str, str]:
-        """Stop the conversation: cancel a reply in flight, keep everything heard and said so far."""
-        conversation = session.conversation
-        reply = conversation.stop()
-        if reply is not None:
-            file_reply(conversation, reply, session.files, outcome="stopped")
-        status = "Stopped. Click **Record** to talk again."
-        return None, list(conversation.history), status, conversation.mic_command(MicAction.STOP)
+    def open_link(self, session: Session, send: Send) -> LiveLink:
+        """The live route found `session` by its token: the tab's channel to the conversation."""
+        session.link = LiveLink(session, self.backend, self.settings, send)
+        return session.link
 
     def api_chat(self, audio: tuple[int, np.ndarray] | None) -> tuple[str | None, str]:
         """For programs: a whole spoken turn in, the whole spoken reply (MP3) and its text out."""
@@ -201,6 +171,15 @@ class Handlers:
         except AudioInputError as error:
             raise gr.Error(str(error)) from error
         return (str(mp3) if mp3 is not None else None), text
+
+    @staticmethod
+    def _chat(conversation: Conversation) -> list[dict]:
+        """The history, plus the text of the reply being spoken as it streams in."""
+        chat = list(conversation.history)
+        reply = conversation.reply
+        if reply is not None and reply.text.strip():
+            chat.append({"role": "assistant", "content": reply.text.strip()})
+        return chat
 
     def _next_api_mp3(self) -> Path:
         with self._api_lock:
@@ -217,47 +196,55 @@ class Handlers:
         return f"{WELCOME} ({self.backend.description})"
 
 
+LIVE_PANEL = f"""
+<div data-live-settings="{html.escape(json.dumps(live_protocol.page_settings()))}">
+  <div id="level" title="Microphone level"><div class="fill"></div></div>
+  <p id="live-note" role="alert" hidden></p>
+</div>
+"""
+LIVE_CSS = """
+#level { height: 8px; border-radius: 4px; background: var(--block-border-color); overflow: hidden; }
+#level .fill { height: 100%; width: 0%; background: var(--color-accent); transition: width 60ms linear; }
+#live-note { color: var(--error-text-color); margin: 6px 0 0; }
+"""
+
+
 def build_demo(handlers: Handlers) -> gr.Blocks:
     """The page, wired to `handlers`; a function so tests can build it around a backend of their own."""
     with gr.Blocks(title="omni-voice-chat", analytics_enabled=False) as demo:
-        session = gr.State(None, delete_callback=close_session)
-        gr.Markdown("# omni-voice-chat\nTalk, pause, and hear the model answer. It listens again after each reply.")
+        session = gr.State(None, delete_callback=handlers.close_session)
+        gr.Markdown("# omni-voice-chat\nTalk, pause, and hear the model answer. Talk over it to cut in.")
         with gr.Row():
             with gr.Column(scale=2):
-                mic = gr.Audio(sources=["microphone"], streaming=True, label="Your microphone", elem_id="mic")
-                reply = gr.Audio(streaming=True, autoplay=True, label="Reply", elem_id="reply", interactive=False)
+                with gr.Row():
+                    start = gr.Button("Start conversation", variant="primary", elem_id="start")
+                    stop = gr.Button("Stop conversation", variant="stop", elem_id="stop")
+                gr.HTML(LIVE_PANEL, js_on_load=(WEB_DIR / "live.js").read_text(), css_template=LIVE_CSS,
+                        elem_id="live")
                 status = gr.Markdown(WELCOME, elem_id="status")
-                stop = gr.Button("Stop conversation", variant="stop", elem_id="stop")
                 with gr.Accordion("Turn options and server", open=False):
                     pause_secs = gr.Slider(0.3, 2.0, value=DEFAULT_VAD.pause_secs, step=0.05,
                                            label="Pause that ends your turn (seconds)")
                     start_secs = gr.Slider(0.1, 1.0, value=DEFAULT_VAD.start_secs, step=0.05,
                                            label="Speech needed to start a turn (seconds)")
+                    barge_in = gr.Checkbox(True, label="Talking over a reply cuts it off (barge-in)")
                     server_info = gr.Markdown(elem_id="server")
             with gr.Column(scale=3):
                 chatbot = gr.Chatbot(label="Conversation", elem_id="chatbot", height=520)
-        mic_command = gr.Textbox(visible="hidden", elem_id="mic-command")
+        token = gr.Textbox(visible="hidden", elem_id="live-token")
         server_timer = gr.Timer(SERVER_CHECK_S)
 
-        demo.load(None, None, None, js=PAGE_JS)
-        demo.load(handlers.page_loaded, None, [session, status, server_info], api_visibility="private",
-                  show_progress="hidden")
-        server_timer.tick(handlers.server_tick, [session], [status, server_info], api_visibility="private",
-                          show_progress="hidden")
-        mic_command.change(None, [mic_command], None, js=MIC_COMMAND_JS)
-        mic.start_recording(None, None, None, js=ALLOW_REPLY_JS)
-        mic.start_recording(handlers.recording_started, [session, pause_secs, start_secs], [status],
-                            api_visibility="private", show_progress="hidden")
-        mic.stream(handlers.chunk, [mic, session], [chatbot, status, mic_command], stream_every=STREAM_EVERY_S,
-                   concurrency_limit=None, api_visibility="private", show_progress="hidden",
-                   show_progress_on=[mic_command])
-        answering = mic.stop_recording(handlers.recording_stopped, [session], [reply, chatbot, status, mic_command],
-                                       concurrency_limit=None, api_visibility="private", show_progress="hidden")
-        reply.stop(handlers.playback_ended, [session], [status, mic_command], api_visibility="private",
-                   show_progress="hidden")
-        stop.click(None, None, None, js=QUIET_REPLY_JS)
-        stop.click(handlers.stop, [session], [reply, chatbot, status, mic_command], cancels=[answering],
-                   api_visibility="private", show_progress="hidden")
+        quiet = {"api_visibility": "private", "show_progress": "hidden"}
+        demo.load(handlers.page_loaded, None, [session, status, server_info], **quiet)
+        server_timer.tick(handlers.server_tick, [session], [status, server_info], **quiet)
+        for option in (pause_secs, start_secs, barge_in):
+            option.change(handlers.options_changed, [session, pause_secs, start_secs, barge_in], None, **quiet)
+        start.click(None, None, None, js=PREPARE_JS)
+        following = start.click(handlers.start, [session], [token, chatbot, status], concurrency_limit=None,
+                                **quiet)
+        token.change(None, [token], None, js=CONNECT_JS)
+        stop.click(None, None, None, js=STOP_JS)
+        stop.click(handlers.stop, [session], [chatbot, status], cancels=[following], **quiet)
 
         api_question = gr.Audio(type="numpy", visible=False)
         api_answer = gr.Audio(type="filepath", visible=False)
@@ -267,6 +254,15 @@ def build_demo(handlers: Handlers) -> gr.Blocks:
                           api_description="Send a spoken question (an audio file); get the spoken reply (MP3) "
                                           "and its text (empty when the server sends none).")
     return demo
+
+
+def create_app(handlers: Handlers) -> FastAPI:
+    """The page and its live channel on one FastAPI app, so they share a port (and a Space's one URL)."""
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    add_live_route(app, handlers.tokens, handlers.open_link, path="/live")
+    app.mount("/live-client", StaticFiles(directory=WEB_DIR), name="live-client")
+    demo = build_demo(handlers).queue(default_concurrency_limit=4)
+    return gr.mount_gradio_app(app, demo, path="/")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -286,14 +282,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 SETTINGS = parse_args(sys.argv[1:] if __name__ == "__main__" else [])
 backend = Backend(server_url=SETTINGS.server_url, engine=SETTINGS.engine, checkpoint_dir=SETTINGS.checkpoint_dir)
-demo = build_demo(Handlers(backend))
+handlers = Handlers(backend)
+app = create_app(handlers)
 
 
 def main() -> None:
     atexit.register(backend.close)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so atexit stops the launched server
     backend.start()
-    demo.queue(default_concurrency_limit=4).launch()
+    host = os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")  # Gradio's own variables (a Space sets them)
+    port = int(os.environ.get("GRADIO_SERVER_PORT", "7860"))
+    print(f"omni-voice-chat on http://{host}:{port}", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning", ws_ping_interval=20.0)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Answering one heard turn: send it, stream the reply, file both sides in the history. No Gradio in here.
 
-`answer` is a generator of `Progress` steps; app.py maps each step onto the page (a reply chunk to the
-player, the status line, the chat, a warning, a microphone click). Each piece of reply audio is passed on
-the moment it is read, so nothing is held back beyond one server read.
+`answer` hands each piece of reply audio on the moment it is read (nothing is held back beyond one server
+read of at most 4096 bytes, 85 ms) and moves the conversation through its phases. A reply with audio is
+filed once the browser has stopped playing it, with the audio the user actually heard (see state.py).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import Protocol
 import numpy as np
 
 import omni_client
-from audio_files import TurnFiles, encode_mp3, wav_bytes
+from audio_files import TurnFiles, encode_mp3
 from history import TurnFigures, assistant_turn, user_turn
-from state import Conversation, HeardTurn, Phase, Reply
+from state import Conversation, HeardTurn, Reply
 from vad import VAD_SAMPLE_RATE, to_mono_float
 
 log = logging.getLogger(__name__)
@@ -44,45 +44,35 @@ class ReplySettings:
     connect_timeout_s: float = 5.0
 
 
-@dataclass(frozen=True)
-class Progress:
-    status: str | None  # None: the status line stays as it is
-    audio: bytes | None = None  # a WAV chunk (16-bit PCM) for the streaming player
-    history_changed: bool = False
-    warning: str | None = None
-    rearm_mic: bool = False  # nothing is left to play: the microphone can record the next turn now
-
-
-LISTENING_STATUS = "Listening… speak, then pause."
-
-# 43 ms of silence in front of the reply's first piece, for the browser's player only (not the history).
-# Gradio re-encodes a streamed reply to AAC with ffmpeg, which emits its first frame only after more than 2048
-# samples; a first piece of one 4096-byte read (2048 samples) therefore makes an empty first segment, and the
-# browser's player then waits about 1 s for its next playlist check before it starts (bench/reply_path.py).
-PLAYER_LEAD_IN = bytes(2 * 1024)
-
-
 def file_user_turn(conversation: Conversation, heard: HeardTurn, files: TurnFiles) -> None:
     wav = files.user_wav(heard.number, heard.utterance.audio, VAD_SAMPLE_RATE)
     conversation.add_messages(user_turn(wav))
 
 
-def file_reply(conversation: Conversation, reply: Reply, files: TurnFiles, outcome: str | None) -> None:
-    """Put the reply, complete or not, into the history: one MP3 of all its audio, its text, its figures."""
+def file_reply(conversation: Conversation, reply: Reply, files: TurnFiles, stopped: bool = False) -> None:
+    """Put the reply, complete or not, into the history: one MP3 of the audio the user heard, its text, its
+    figures, and in words what cut it short."""
+    heard = reply.heard_pcm
+    heard_s = len(heard) / 2 / omni_client.REPLY_SAMPLE_RATE
+    outcome = _outcome(reply, stopped, heard_s)
     mp3 = None
-    if reply.pcm:
+    if heard:
         try:
-            mp3 = files.reply_mp3(reply.turn.number, bytes(reply.pcm), omni_client.REPLY_SAMPLE_RATE)
+            mp3 = files.reply_mp3(reply.turn.number, heard, omni_client.REPLY_SAMPLE_RATE)
         except OSError as error:  # e.g. a full disk: the text and figures still go into the chat
             log.warning("could not save the reply's audio: %s", error)
             unsaved = f"the reply's audio could not be saved ({error.strerror or error})"
             outcome = f"{outcome}; {unsaved}" if outcome else unsaved
-    figures = TurnFigures(
-        to_first_audio_s=reply.seconds_to_first_audio,
-        reply_s=len(reply.pcm) / 2 / omni_client.REPLY_SAMPLE_RATE,
-        outcome=outcome,
-    )
+    figures = TurnFigures(to_first_audio_s=reply.seconds_to_first_audio, reply_s=heard_s, outcome=outcome)
     conversation.add_messages(*assistant_turn(mp3, reply.text, figures))
+
+
+def _outcome(reply: Reply, stopped: bool, heard_s: float) -> str | None:
+    if reply.interrupted:
+        return f"you cut in after {heard_s:.1f} s" if heard_s else "you cut in before it began"
+    if reply.failure is not None:
+        return ("cut short: " if reply.pcm else "failed: ") + reply.failure
+    return "stopped" if stopped else None
 
 
 def answer(
@@ -90,34 +80,35 @@ def answer(
     reply: Reply,
     server: ModelServer,
     files: TurnFiles,
+    play: Callable[[bytes], None],
     settings: ReplySettings = ReplySettings(),
-) -> Iterator[Progress]:
-    """Stream the reply to `reply.turn`. Failures end in a warning and a filed turn, never an exception."""
-    seconds = reply.turn.utterance.duration_s
-    error: str | None = None
+) -> None:
+    """Stream the reply to `reply.turn`, handing each piece of audio to `play` the moment it is read.
+    A failure ends in a sentence (the conversation's notice and the filed turn), never an exception."""
+    failure: str | None = None
     try:
-        yield Progress(f"Thinking… ({seconds:.1f} s of speech sent to {server.description})")
         wav = omni_client.utterance_wav(reply.turn.utterance.audio, VAD_SAMPLE_RATE)
-        stream = _request_reply(server, wav, settings, cancel=reply.cancel)
-        # closing(): when Gradio closes this generator (Stop), the request is dropped at once, freeing the server
-        with closing(stream):
-            yield from _stream_to_player(conversation, reply, stream, server.description)
-    except omni_client.ReplyError as failure:
-        error = failure.message
-    except Exception:  # a bug, not the server: still a sentence, a kept turn and a microphone that re-arms
+        # closing(): a cancelled reply (Stop, a cut-in) drops its request at once, freeing the server
+        with closing(_request_reply(server, wav, settings, cancel=reply.cancel)) as stream:
+            for piece in stream:
+                if isinstance(piece, omni_client.ReplyAudio):
+                    if not conversation.reply_audio(reply, piece.pcm):
+                        return  # stopped or cut in on: whoever did that files the reply
+                    play(piece.pcm)
+                elif isinstance(piece, omni_client.ReplyText):
+                    conversation.reply_text(reply, piece.text)
+                elif isinstance(piece, omni_client.ReplyQueued):
+                    conversation.queued(reply, piece.ahead)
+    except omni_client.ReplyError as error:
+        failure = error.message
+    except Exception:  # a bug, not the server: still a sentence, a kept turn and a conversation that goes on
         log.exception("answering turn %d failed", reply.turn.number)
-        error = "Something went wrong in the app while answering (the details are in its log)."
-    if reply.cancel.is_set() or not conversation.finish_reply(reply):
+        failure = "Something went wrong in the app while answering (the details are in its log)."
+    if reply.cancel.is_set():
         return
-    outcome = None if error is None else ("cut short: " if reply.pcm else "failed: ") + error
-    file_reply(conversation, reply, files, outcome)
-    if error is not None:
-        status = f"{error} Your turn is kept in the chat; speak again when you are ready."
-        yield Progress(status, history_changed=True, warning=error, rearm_mic=conversation.phase is Phase.LISTENING)
-    elif conversation.phase is Phase.LISTENING:  # a reply without audio: nothing to wait for
-        yield Progress(LISTENING_STATUS, history_changed=True, rearm_mic=True)
-    else:
-        yield Progress(f"Speaking… ({server.description})", history_changed=True)
+    done = conversation.finish_reply(reply, failure)
+    if done is not None:  # no audio to play: the reply is over now
+        file_reply(conversation, done, files)
 
 
 def _request_reply(
@@ -132,32 +123,6 @@ def _request_reply(
         stream_text=True,
         cancel=cancel,
     )
-
-
-def _stream_to_player(
-    conversation: Conversation, reply: Reply, stream: Iterator[omni_client.ReplyEvent], server: str
-) -> Iterator[Progress]:
-    """Each piece of reply audio to the player the moment it is read; text and queue news to the state."""
-    for piece in stream:
-        if isinstance(piece, omni_client.ReplyAudio):
-            first = reply.first_audio_at is None
-            if not conversation.reply_audio(reply, piece.pcm):
-                return  # stopped: the Stop handler files what arrived
-            pcm = PLAYER_LEAD_IN + piece.pcm if first else piece.pcm
-            status = f"Speaking… ({server})" if first else None
-            yield Progress(status, audio=wav_bytes(pcm, omni_client.REPLY_SAMPLE_RATE))
-        elif isinstance(piece, omni_client.ReplyText):
-            conversation.reply_text(reply, piece.text)
-        elif isinstance(piece, omni_client.ReplyQueued):
-            if piece.ahead > 0:
-                conversation.queued(reply)
-                yield Progress(f"Queued: the model server is answering {_conversations(piece.ahead)} first…")
-            elif conversation.unqueued(reply):
-                yield Progress(f"Thinking… (your turn is being answered: {server})")
-
-
-def _conversations(count: int) -> str:
-    return "another conversation" if count == 1 else f"{count} other conversations"
 
 
 def whole_reply(

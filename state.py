@@ -1,16 +1,27 @@
 """Per-session conversation state: one explicit state machine per browser tab, no Gradio in here.
 
-A tab's `Conversation` owns its pause detector, the turn being answered and the chat history, so nothing of
-one tab can leak into another. The Gradio handlers in app.py only move it through its phases:
+A tab's `Conversation` owns its pause detector, the reply being answered and the chat history, so nothing of
+one tab can leak into another. The microphone streams all conversation long; what its audio means depends on
+the phase:
 
-    IDLE --record--> LISTENING --turn ends--> THINKING --first audio--> SPEAKING --playback ends--> LISTENING
-                                                 |  ^                      |
-                                                 v  |                      +--(failure without audio)--> LISTENING
-                                               QUEUED
-    any phase --Stop--> STOPPED --record--> LISTENING
+    IDLE --start--> LISTENING --turn ends--> THINKING --first audio--> SPEAKING --playback over--> LISTENING
+                        ^                      |  ^                       |
+                        |                      v  |                       |
+                        |                    QUEUED                       |
+                        |                      |                          |
+                        +--(no audio: failure)-+                          |
+                                                                          |
+    THINKING, QUEUED, SPEAKING --the user talks over it--> INTERRUPTED --turn ends--> THINKING
+    any phase --stop--> STOPPED --start--> LISTENING
 
-Handlers run on Gradio's worker threads (a chunk, a reply and a Stop of one tab can overlap), so every
+In LISTENING and INTERRUPTED the detector looks for the end of the user's turn. While the app answers
+(THINKING, QUEUED, SPEAKING) it looks for the user cutting in: speech over the raised barge-in bar that is not
+the reply's own echo. A reply is filed in the history when the browser has stopped playing it (to its end,
+or cut off by the user), so the history keeps what was actually heard.
+
+Callers run on several threads (microphone frames, the reply's stream, the browser's reports, Stop), so every
 method takes the conversation's lock, and a move the current phase does not allow is refused, not forced.
+`version` counts changes; `wait_for_change` lets the page follow them.
 """
 
 from __future__ import annotations
@@ -23,38 +34,45 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from vad import PauseDetector, Utterance, VadOptions
+from echo_gate import is_reply_echo
+from omni_client import REPLY_SAMPLE_RATE
+from vad import VAD_SAMPLE_RATE, PauseDetector, Utterance, VadOptions
 
 
 class Phase(enum.Enum):
-    IDLE = "idle"  # the microphone is off and no conversation is going on
-    LISTENING = "listening"  # recording; microphone chunks go to the pause detector
-    THINKING = "thinking"  # the utterance went to the server; no reply audio yet
+    IDLE = "idle"  # no conversation yet
+    LISTENING = "listening"  # the user's turn; the detector looks for its end
+    THINKING = "thinking"  # the turn went to the server; no reply audio yet
     QUEUED = "queued"  # the server is answering another conversation first
     SPEAKING = "speaking"  # reply audio is streaming or still playing in the browser
-    STOPPED = "stopped"  # the user pressed Stop; nothing re-arms until they record again
+    INTERRUPTED = "interrupted"  # the user cut in: the reply was silenced, their new turn is being heard
+    STOPPED = "stopped"  # the conversation was ended (Stop, or the tab's audio channel closed)
 
+
+_ANSWERING = frozenset({Phase.THINKING, Phase.QUEUED, Phase.SPEAKING})
+_TURN_PHASES = frozenset({Phase.LISTENING, Phase.INTERRUPTED})
 
 _ALLOWED_MOVES: dict[Phase, frozenset[Phase]] = {
     Phase.IDLE: frozenset({Phase.LISTENING, Phase.STOPPED}),
-    Phase.LISTENING: frozenset({Phase.LISTENING, Phase.THINKING, Phase.IDLE, Phase.STOPPED}),
-    Phase.THINKING: frozenset({Phase.QUEUED, Phase.SPEAKING, Phase.LISTENING, Phase.STOPPED}),
-    Phase.QUEUED: frozenset({Phase.THINKING, Phase.SPEAKING, Phase.LISTENING, Phase.STOPPED}),
-    Phase.SPEAKING: frozenset({Phase.LISTENING, Phase.STOPPED}),
+    Phase.LISTENING: frozenset({Phase.THINKING, Phase.STOPPED}),
+    Phase.THINKING: frozenset({Phase.QUEUED, Phase.SPEAKING, Phase.LISTENING, Phase.INTERRUPTED, Phase.STOPPED}),
+    Phase.QUEUED: frozenset({Phase.THINKING, Phase.SPEAKING, Phase.LISTENING, Phase.INTERRUPTED, Phase.STOPPED}),
+    Phase.SPEAKING: frozenset({Phase.LISTENING, Phase.INTERRUPTED, Phase.STOPPED}),
+    Phase.INTERRUPTED: frozenset({Phase.THINKING, Phase.STOPPED}),
     Phase.STOPPED: frozenset({Phase.LISTENING, Phase.STOPPED}),
 }
 
+EchoCheck = Callable[[np.ndarray, bytes], bool]  # (speech heard at 16 kHz, reply PCM at 24 kHz) -> is it echo
 
-class MicAction(enum.Enum):
-    """What the browser must do with the microphone; app.py turns it into a click on Gradio's own button."""
 
-    STOP = "stop"
-    RECORD = "record"
+def reply_echo(heard: np.ndarray, reply_pcm: bytes) -> bool:
+    return is_reply_echo(heard, VAD_SAMPLE_RATE, reply_pcm, REPLY_SAMPLE_RATE)
 
 
 @dataclass(frozen=True)
 class HeardTurn:
-    """A finished user turn waiting to be answered. `speech_ended_at` is on the `time.monotonic()` clock."""
+    """A finished user turn waiting to be answered. `speech_ended_at` is on the `time.monotonic()` clock;
+    `utterance.speech_end_s` is on the microphone stream's clock (seconds since the conversation started)."""
 
     number: int
     utterance: Utterance
@@ -63,85 +81,148 @@ class HeardTurn:
 
 @dataclass
 class Reply:
-    """The reply being received for one turn: all of its audio so far (s16le, 24 kHz) and its text."""
+    """The reply to one turn: all of its audio so far (s16le, 24 kHz), its text, and how it ended."""
 
     turn: HeardTurn
     cancel: threading.Event = field(default_factory=threading.Event)
     pcm: bytearray = field(default_factory=bytearray)
     text: str = ""
-    first_audio_at: float | None = None
+    queue_ahead: int = 0  # conversations the server answers first
+    first_audio_at: float | None = None  # the first reply bytes reached the app (monotonic clock)
+    sounding_after_s: float | None = None  # the browser's figure: end of speech -> reply audible
+    streamed: bool = False  # the server's stream is over
+    failure: str | None = None  # why the stream ended early, in words
+    interrupted: bool = False  # the user cut in
+    played_samples: int | None = None  # what the browser played of it, once it has stopped playing
 
     @property
     def seconds_to_first_audio(self) -> float | None:
+        """The browser's measure when it sent one (what the user heard), else the first byte's arrival."""
+        if self.sounding_after_s is not None:
+            return self.sounding_after_s
         if self.first_audio_at is None:
             return None
         return self.first_audio_at - self.turn.speech_ended_at
 
+    @property
+    def heard_pcm(self) -> bytes:
+        """The audio the user heard: all of it, unless the browser reports having played less."""
+        if self.played_samples is None:
+            return bytes(self.pcm)
+        return bytes(self.pcm[: 2 * self.played_samples])
+
+
+@dataclass(frozen=True)
+class CutIn:
+    """The user started talking while the app answered: `reply` was cancelled and must be silenced."""
+
+    reply: Reply
+
 
 class Conversation:
-    """One tab's conversation. `detector_factory` is injectable so tests can count or replace detectors."""
+    """One tab's conversation. `detector_factory` and `echo_check` are injectable for tests."""
 
-    def __init__(self, detector_factory: Callable[[VadOptions], PauseDetector] = PauseDetector) -> None:
+    def __init__(
+        self,
+        detector_factory: Callable[[VadOptions], PauseDetector] = PauseDetector,
+        echo_check: EchoCheck = reply_echo,
+    ) -> None:
         self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
         self._detector_factory = detector_factory
+        self._echo_check = echo_check
         self._detector: PauseDetector | None = None
-        self._heard_s = 0.0  # microphone audio fed since the detector's last reset
+        self._options = VadOptions()
         self._turns = 0
-        self._mic_commands = 0
+        self.barge_in = True
         self.phase = Phase.IDLE
+        self.version = 0
         self.heard: HeardTurn | None = None
-        self.reply: Reply | None = None
+        self.reply: Reply | None = None  # the reply being streamed or played
+        self._cut_off: dict[int, Reply] = {}  # replies the user cut in on, until the browser says what it played
+        self.notice: str | None = None  # the last failure, in words, until the next turn is answered
         self.history: list[dict] = []
 
-    # -- listening ---------------------------------------------------------------------------------------
+    # -- the conversation --------------------------------------------------------------------------------
 
-    def listen(self, options: VadOptions) -> bool:
-        """Start (or restart) a turn with fresh detector state; refused while a turn waits for its answer
-        or a reply is being received (the user may still talk over a reply that is only playing)."""
+    def start(self) -> bool:
+        """A new conversation on a new microphone stream (time 0), with the latest options; refused while one
+        is going on."""
         with self._lock:
-            if self.phase in (Phase.THINKING, Phase.QUEUED) or self.reply is not None:
-                return False
             if not self._move(Phase.LISTENING):
                 return False
-            if self._detector is None or self._detector.options != options:
-                self._detector = self._detector_factory(options)
-            else:
-                self._detector.reset()
-            self._heard_s = 0.0
-            self.heard = None
+            if self._detector is None:
+                self._detector = self._detector_factory(self._options)
+            self._detector.reset()
+            self._detector.next_turn(options=self._options)
+            self.notice = None
             return True
 
-    def hear(self, sample_rate: int, samples: np.ndarray, now: float | None = None) -> HeardTurn | None:
-        """Feed one microphone chunk; returns the turn when the detector says it ended (phase -> THINKING).
-
-        Chunks that arrive in any other phase than LISTENING (the browser's last chunk after a stop, say)
-        are ignored. Raises vad.AudioInputError for input that is not audio.
-        """
+    def set_options(self, options: VadOptions, barge_in: bool) -> None:
+        """New turn options, used from the next turn on (the turn being heard keeps its own)."""
         with self._lock:
-            if self.phase is not Phase.LISTENING or self._detector is None:
+            self._options, self.barge_in = options, barge_in
+
+    def stop(self, notice: str | None = None) -> list[Reply]:
+        """End the conversation (`notice`: why, when it was not the user). Cancels the reply in flight and
+        returns the replies not yet filed, to keep them."""
+        with self._lock:
+            self.notice = notice
+            unfiled = [*self._cut_off.values(), *([self.reply] if self.reply is not None else [])]
+            for reply in unfiled:
+                reply.cancel.set()
+            self.reply, self.heard, self._cut_off = None, None, {}
+            self._move(Phase.STOPPED)
+            return unfiled
+
+    # -- the microphone ----------------------------------------------------------------------------------
+
+    def hear(self, sample_rate: int, samples: np.ndarray, now: float | None = None) -> HeardTurn | CutIn | None:
+        """Feed one microphone frame (at most a few hundred ms). Returns the user's finished turn (phase ->
+        THINKING), or a CutIn when they started talking over the app's answer (phase -> INTERRUPTED).
+        Raises vad.AudioInputError for input that is not audio."""
+        with self._lock:
+            detector = self._detector
+            if detector is None or self.phase not in _TURN_PHASES | _ANSWERING:
                 return None
             arrived_at = time.monotonic() if now is None else now
-            utterance = self._detector.feed(sample_rate, samples)
-            self._heard_s += len(samples) / sample_rate if sample_rate > 0 else 0.0
+            utterance = detector.feed(sample_rate, samples)
+            if self.phase in _ANSWERING:
+                return self._cut_in() if detector.speech_started or utterance is not None else None
             if utterance is None:
                 return None
             self._turns += 1
-            # The chunk that ended the turn arrived just now and carries the latest audio, so speech ended
-            # (audio heard - speech end) seconds ago.
-            speech_ended_at = arrived_at - max(0.0, self._heard_s - utterance.speech_end_s)
+            # The frame that ended the turn arrived just now and carries the latest audio.
+            speech_ended_at = arrived_at - max(0.0, detector.heard_s - utterance.speech_end_s)
             self.heard = HeardTurn(self._turns, utterance, speech_ended_at)
             self._move(Phase.THINKING)
+            self._next_turn(over_reply=True)
             return self.heard
 
-    def stop_listening(self) -> bool:
-        """The microphone went off mid-turn (the user's click, or unusable input): what was heard is dropped."""
-        with self._lock:
-            return self.phase is Phase.LISTENING and self._move(Phase.IDLE)
+    def _cut_in(self) -> CutIn | None:
+        """Speech started while the app answers: the user cutting in, or the reply's echo (dropped)."""
+        assert self._detector is not None
+        reply = self.reply
+        echo = reply is not None and reply.pcm and self._echo_check(self._detector.speech_so_far(), bytes(reply.pcm))
+        if not self.barge_in or echo or reply is None:
+            self._detector.next_turn(over_reply=True)
+            return None
+        reply.cancel.set()
+        reply.interrupted = True
+        self._cut_off[reply.turn.number] = reply
+        self.reply = None
+        self._move(Phase.INTERRUPTED)
+        return CutIn(reply)
+
+    def _next_turn(self, over_reply: bool) -> None:
+        """The detector looks for the next turn in the same stream, with the tab's latest options."""
+        assert self._detector is not None
+        self._detector.next_turn(over_reply=over_reply, options=self._options)
 
     # -- answering ---------------------------------------------------------------------------------------
 
     def start_reply(self) -> Reply | None:
-        """Take the heard turn for answering; None when there is none (a user's own mic stop, or Stop)."""
+        """Take the heard turn for answering; None when there is none (it was stopped or cut in on)."""
         with self._lock:
             if self.phase is not Phase.THINKING or self.heard is None or self.reply is not None:
                 return None
@@ -149,18 +230,21 @@ class Conversation:
             self.heard = None
             return self.reply
 
-    def queued(self, reply: Reply) -> bool:
-        """The server put this reply in line behind other conversations (THINKING -> QUEUED)."""
+    def queued(self, reply: Reply, ahead: int) -> None:
+        """The server's line for this reply: `ahead` other conversations come first (0: it is being answered)."""
         with self._lock:
-            return self.reply is reply and self.phase is Phase.THINKING and self._move(Phase.QUEUED)
-
-    def unqueued(self, reply: Reply) -> bool:
-        """The server has started on this reply (QUEUED -> THINKING)."""
-        with self._lock:
-            return self.reply is reply and self.phase is Phase.QUEUED and self._move(Phase.THINKING)
+            if self.reply is not reply or reply.queue_ahead == ahead:
+                return
+            reply.queue_ahead = ahead
+            if ahead > 0 and self.phase is Phase.THINKING:
+                self._move(Phase.QUEUED)
+            elif ahead == 0 and self.phase is Phase.QUEUED:
+                self._move(Phase.THINKING)
+            else:
+                self._touch()
 
     def reply_audio(self, reply: Reply, pcm: bytes, now: float | None = None) -> bool:
-        """Record a piece of reply audio; False when the reply was stopped (drop the piece)."""
+        """Record a piece of reply audio; False when the reply was stopped or cut in on (drop the piece)."""
         with self._lock:
             if self.reply is not reply or reply.cancel.is_set():
                 return False
@@ -175,33 +259,45 @@ class Conversation:
         with self._lock:
             if self.reply is reply and not reply.cancel.is_set():
                 reply.text += text
+                self._touch()
 
-    def finish_reply(self, reply: Reply) -> bool:
-        """The reply's stream is over (complete or failed). True if this call took it (so the caller files it
-        in the history; a Stop may have taken it first). Without audio there is nothing to play, so the
-        conversation goes straight back to LISTENING; otherwise it stays SPEAKING until playback ends."""
+    def finish_reply(self, reply: Reply, failure: str | None = None) -> Reply | None:
+        """The reply's stream is over, complete or failed (`failure` says why, in words). Without audio there
+        is nothing to play: the reply is done (returned, for filing) and the user's turn comes round again.
+        With audio it stays SPEAKING until the browser has played it (`playback_over`)."""
         with self._lock:
             if self.reply is not reply:
-                return False
+                return None
+            reply.streamed, reply.failure = True, failure
+            self.notice = failure
+            if reply.pcm:
+                self._touch()
+                return None
             self.reply = None
-            if self.phase is not Phase.STOPPED and not reply.pcm:
+            self._listen_again()
+            return reply
+
+    def sounding(self, turn: int, after_speech_end_s: float) -> None:
+        """The browser's own measure: the reply to `turn` became audible this long after the user's speech ended."""
+        with self._lock:
+            for reply in (self.reply, self._cut_off.get(turn)):
+                if reply is not None and reply.turn.number == turn and reply.sounding_after_s is None:
+                    reply.sounding_after_s = after_speech_end_s
+
+    def playback_over(self, turn: int, played_samples: int, complete: bool) -> Reply | None:
+        """The browser stopped playing the reply to `turn`: at its end (`complete`), or cut off by the user.
+        Returns the reply for filing, once; an end of playback while the reply still streams (the player
+        caught up with it) is not the end."""
+        with self._lock:
+            reply = self._cut_off.pop(turn, None)
+            if reply is None:
+                reply = self.reply
+                if reply is None or reply.turn.number != turn or (complete and not reply.streamed):
+                    return None
+                self.reply = None
                 self._listen_again()
-            return True
-
-    def playback_ended(self) -> bool:
-        """The browser finished playing the reply; True when the microphone should re-arm."""
-        with self._lock:
-            if self.phase is not Phase.SPEAKING or self.reply is not None:
-                return False
-            return self._listen_again()
-
-    def stop(self) -> Reply | None:
-        """End the conversation: cancel a reply in flight and hand it back (to keep what arrived of it)."""
-        with self._lock:
-            reply, self.reply, self.heard = self.reply, None, None
-            if reply is not None:
-                reply.cancel.set()
-            self._move(Phase.STOPPED)
+            reply.played_samples = max(0, min(played_samples, len(reply.pcm) // 2))
+            self._touch()
             return reply
 
     # -- bookkeeping ---------------------------------------------------------------------------------------
@@ -209,23 +305,31 @@ class Conversation:
     def add_messages(self, *messages: dict) -> None:
         with self._lock:
             self.history.extend(messages)
+            self._touch()
 
-    def mic_command(self, action: MicAction) -> str:
-        """A never-repeating value for the hidden component whose change makes the browser click."""
+    def wait_for_change(self, seen_version: int, timeout_s: float) -> int:
+        """Block until `version` differs from `seen_version` (or the timeout); returns the version now."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.version != seen_version, timeout=timeout_s)
+            return self.version
+
+    @property
+    def stream_s(self) -> float:
+        """Seconds of microphone audio heard in this conversation (the stream's clock)."""
         with self._lock:
-            self._mic_commands += 1
-            return f"{action.value}:{self._mic_commands}"
+            return self._detector.heard_s if self._detector is not None else 0.0
 
-    def _listen_again(self) -> bool:
-        if not self._move(Phase.LISTENING):
-            return False
-        if self._detector is not None:
-            self._detector.reset()
-        self._heard_s = 0.0
-        return True
+    def _listen_again(self) -> None:
+        if self._move(Phase.LISTENING):
+            self._next_turn(over_reply=False)
 
     def _move(self, to: Phase) -> bool:
         if to not in _ALLOWED_MOVES[self.phase]:
             return False
         self.phase = to
+        self._touch()
         return True
+
+    def _touch(self) -> None:
+        self.version += 1
+        self._changed.notify_all()

@@ -2,16 +2,21 @@
 
 The reference writes the upload to a file and runs ``ffmpeg -f s16le -ac 1 -ar 16000`` on it, then scales
 int16 by 1/32768. The mini-omni engine's golden test depends on those exact samples, so we do the same; the
-only additions are a duration cap on the ffmpeg side (a tiny compressed upload can expand to hours) and a
-temp file that is always deleted (same ".wav" suffix, so ffmpeg probes it the same way).
+only additions are a duration cap on the ffmpeg side (a tiny compressed upload can expand to hours), a
+temp file that is always deleted (same ".wav" suffix, so ffmpeg probes it the same way), and a shortcut for
+the one format clients send most (the app included): a plain 16-bit mono 16 kHz PCM WAV, whose samples
+ffmpeg would pass through unchanged, is read directly. That saves starting ffmpeg, about 0.1 s of every
+turn's wait on a 2-core machine; tests check both paths give the same samples.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import io
 import subprocess
 import tempfile
+import wave
 
 import numpy as np
 
@@ -46,6 +51,9 @@ def decode_audio_file(data: bytes, *, max_seconds: float) -> np.ndarray:
     """
     if not data:
         raise UndecodableAudio("The audio file is empty.")
+    pcm = _plain_wav_pcm(data)
+    if pcm is not None:
+        return _scaled(pcm[: round((max_seconds + 1.0) * INPUT_SAMPLE_RATE) * 2])
     with tempfile.NamedTemporaryFile(suffix=".wav") as upload:
         upload.write(data)
         upload.flush()
@@ -67,5 +75,24 @@ def decode_audio_file(data: bytes, *, max_seconds: float) -> np.ndarray:
         reason = result.stderr.decode("utf-8", "replace").replace(upload.name, "input").strip().splitlines()
         detail = f" ({reason[-1]})" if reason else ""
         raise UndecodableAudio(f"The audio could not be decoded{detail}.")
-    pcm = result.stdout[: len(result.stdout) // 2 * 2]
-    return np.frombuffer(pcm, dtype=np.int16).astype(np.float32) / 32768.0
+    return _scaled(result.stdout[: len(result.stdout) // 2 * 2])
+
+
+def _plain_wav_pcm(data: bytes) -> bytes | None:
+    """The samples of a well-formed 16-bit mono PCM WAV at 16 kHz, exactly as ffmpeg would output them;
+    None for anything else (ffmpeg decides about those)."""
+    try:
+        with wave.open(io.BytesIO(data)) as reader:
+            if (reader.getcomptype(), reader.getnchannels(), reader.getsampwidth(), reader.getframerate()) != (
+                "NONE", 1, 2, INPUT_SAMPLE_RATE,
+            ):
+                return None
+            frames = reader.getnframes()
+            pcm = reader.readframes(frames)
+    except (wave.Error, EOFError, ValueError):
+        return None
+    return pcm if len(pcm) == 2 * frames else None
+
+
+def _scaled(pcm: bytes) -> np.ndarray:
+    return np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from omni_server import audio_decode
 from omni_server.audio_decode import UndecodableAudio, decode_audio_file, decode_base64
 from tests.speech import silence, wav_bytes
 
@@ -43,3 +44,16 @@ def test_undecodable_and_bad_base64_are_plain_errors() -> None:
     with pytest.raises(UndecodableAudio, match="not valid base64"):
         decode_base64("aGVsbG8=\n")  # strict: no stray characters, unlike the reference
     assert decode_base64("aGVsbG8=") == b"hello"
+
+
+def test_a_plain_16k_wav_is_read_directly_with_the_samples_ffmpeg_gives(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(7)
+    wav = wav_bytes(np.clip(rng.normal(0, 0.3, 20_000), -1, 1).astype(np.float32))
+    direct = decode_audio_file(wav, max_seconds=30.0)
+    monkeypatch.setattr(audio_decode, "_plain_wav_pcm", lambda data: None)
+    assert np.array_equal(direct, decode_audio_file(wav, max_seconds=30.0)), "ffmpeg gives the same samples"
+    monkeypatch.undo()
+    started = []
+    monkeypatch.setattr(audio_decode.subprocess, "run", lambda *a, **k: started.append(a) or None)
+    assert len(decode_audio_file(wav, max_seconds=0.1)) == 17_600, "the shortcut keeps the duration cap (+1 s)"
+    assert not started, "a plain 16 kHz WAV does not start ffmpeg"
