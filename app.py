@@ -151,7 +151,7 @@ class Handlers:
             link.closed.wait(STOP_GRACE_S)
             link.close()
         for reply in session.conversation.stop():
-            file_reply(session.conversation, reply, session.files, stopped=True)
+            file_reply(session.conversation, reply, session.files)
         self.tokens.revoke(session)
         return self._chat(session.conversation), status_line(session.conversation, self.backend.description)
 

@@ -12,14 +12,15 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class TurnFigures:
-    """`to_first_audio_s`: from the end of the user's speech to the first reply audio reaching the app."""
+    """`to_first_audio_s`: from the end of the user's speech to the reply becoming audible, as the browser
+    measured it (or, without its report, to the reply's first audio reaching the app)."""
 
     to_first_audio_s: float | None
     reply_s: float
     outcome: str | None = None  # None for a complete reply; else what cut it short, in words
 
     def describe(self) -> str:
-        first = "no reply audio" if self.to_first_audio_s is None else f"{self.to_first_audio_s:.2f} s to first audio"
+        first = "no reply audio" if self.to_first_audio_s is None else f"{self.to_first_audio_s:.2f} s to first sound"
         text = f"{first} · {self.reply_s:.1f} s reply"
         return text if self.outcome is None else f"{text} · {self.outcome}"
 

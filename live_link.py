@@ -65,9 +65,9 @@ class LiveLink:
         """The conversation ends (Stop, or the socket closed): cancel the reply, keep everything in the chat."""
         if self.closed.is_set():
             return
-        self.closed.set()
         for reply in self.conversation.stop(notice):
-            file_reply(self.conversation, reply, self._session.files, stopped=True)
+            file_reply(self.conversation, reply, self._session.files)
+        self.closed.set()
 
     def _answer(self, heard: HeardTurn) -> None:
         self._send(wire.server_message("turn", turn=heard.number, speech_end_s=round(heard.utterance.speech_end_s, 4)))

@@ -49,12 +49,12 @@ def file_user_turn(conversation: Conversation, heard: HeardTurn, files: TurnFile
     conversation.add_messages(user_turn(wav))
 
 
-def file_reply(conversation: Conversation, reply: Reply, files: TurnFiles, stopped: bool = False) -> None:
+def file_reply(conversation: Conversation, reply: Reply, files: TurnFiles) -> None:
     """Put the reply, complete or not, into the history: one MP3 of the audio the user heard, its text, its
     figures, and in words what cut it short."""
     heard = reply.heard_pcm
     heard_s = len(heard) / 2 / omni_client.REPLY_SAMPLE_RATE
-    outcome = _outcome(reply, stopped, heard_s)
+    outcome = _outcome(reply, heard_s)
     mp3 = None
     if heard:
         try:
@@ -67,12 +67,12 @@ def file_reply(conversation: Conversation, reply: Reply, files: TurnFiles, stopp
     conversation.add_messages(*assistant_turn(mp3, reply.text, figures))
 
 
-def _outcome(reply: Reply, stopped: bool, heard_s: float) -> str | None:
+def _outcome(reply: Reply, heard_s: float) -> str | None:
     if reply.interrupted:
         return f"you cut in after {heard_s:.1f} s" if heard_s else "you cut in before it began"
     if reply.failure is not None:
         return ("cut short: " if reply.pcm else "failed: ") + reply.failure
-    return "stopped" if stopped else None
+    return f"stopped after {heard_s:.1f} s" if reply.stopped else None
 
 
 def answer(

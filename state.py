@@ -93,6 +93,7 @@ class Reply:
     streamed: bool = False  # the server's stream is over
     failure: str | None = None  # why the stream ended early, in words
     interrupted: bool = False  # the user cut in
+    stopped: bool = False  # the user ended the conversation during it
     played_samples: int | None = None  # what the browser played of it, once it has stopped playing
 
     @property
@@ -120,16 +121,11 @@ class CutIn:
 
 
 class Conversation:
-    """One tab's conversation. `detector_factory` and `echo_check` are injectable for tests."""
+    """One tab's conversation. `echo_check` is injectable for tests."""
 
-    def __init__(
-        self,
-        detector_factory: Callable[[VadOptions], PauseDetector] = PauseDetector,
-        echo_check: EchoCheck = reply_echo,
-    ) -> None:
+    def __init__(self, echo_check: EchoCheck = reply_echo) -> None:
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
-        self._detector_factory = detector_factory
         self._echo_check = echo_check
         self._detector: PauseDetector | None = None
         self._options = VadOptions()
@@ -152,7 +148,7 @@ class Conversation:
             if not self._move(Phase.LISTENING):
                 return False
             if self._detector is None:
-                self._detector = self._detector_factory(self._options)
+                self._detector = PauseDetector(self._options)
             self._detector.reset()
             self._detector.next_turn(options=self._options)
             self.notice = None
@@ -171,6 +167,7 @@ class Conversation:
             unfiled = [*self._cut_off.values(), *([self.reply] if self.reply is not None else [])]
             for reply in unfiled:
                 reply.cancel.set()
+                reply.stopped = not reply.interrupted
             self.reply, self.heard, self._cut_off = None, None, {}
             self._move(Phase.STOPPED)
             return unfiled
@@ -285,9 +282,9 @@ class Conversation:
                     reply.sounding_after_s = after_speech_end_s
 
     def playback_over(self, turn: int, played_samples: int, complete: bool) -> Reply | None:
-        """The browser stopped playing the reply to `turn`: at its end (`complete`), or cut off by the user.
-        Returns the reply for filing, once; an end of playback while the reply still streams (the player
-        caught up with it) is not the end."""
+        """The browser stopped playing the reply to `turn`: at its end (`complete`), because the user cut in,
+        or because the user stopped the conversation (incomplete, and not cut in on). Returns the reply for
+        filing, once; the player catching up with a reply that still streams is not its end."""
         with self._lock:
             reply = self._cut_off.pop(turn, None)
             if reply is None:
@@ -295,6 +292,9 @@ class Conversation:
                 if reply is None or reply.turn.number != turn or (complete and not reply.streamed):
                     return None
                 self.reply = None
+                if not complete:
+                    reply.cancel.set()
+                    reply.stopped = True
                 self._listen_again()
             reply.played_samples = max(0, min(played_samples, len(reply.pcm) // 2))
             self._touch()

@@ -1,10 +1,12 @@
-"""A real Chromium talking to the real app (`python app.py --engine echo`) through its fake microphone.
+"""A real Chromium talking to the real app (`python app.py --engine echo`) through its fake microphone, with
+what the page plays heard through a private PulseAudio (tests/sound_capture.py).
 
-Shared by tests/test_browser.py and bench/reply_path.py. Two facts about Chromium's fake microphone shape it:
-- it plays the WAV file in real time, but restarts the file at every getUserMedia, and the app re-arms the
-  microphone (a new getUserMedia) after each reply. A real microphone hears the room in real time whether the
-  page records or not; to get that, the page keeps one clone of the first microphone track alive, which keeps
-  the device open, so the file plays on from where it was (the app still gets and stops its own tracks);
+Shared by tests/test_browser.py and bench/live_latency.py. Facts about Chromium's fake microphone shape it:
+- it plays the WAV file in real time from the first getUserMedia, and restarts the file at every later one
+  (a new conversation opens the microphone again). A real microphone hears the room in real time whether
+  the page records or not; to get that, the page keeps one clone of the first microphone track alive, which
+  keeps the device open, so the file plays on from where it was. `window.__mic.firstOpenedAt` (wall clock,
+  the clock the sound capture uses) is therefore the file's time 0;
 - the browser requires a user's click before audio may play (`--autoplay-policy=document-user-activation-
   required`), and the only interactions are real clicks. Playwright's `evaluate` counts as a gesture too, so
   tests/test_browser.py also has a run in which nothing is evaluated in the page before its replies played.
@@ -26,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
+from tests.sound_capture import PulseAudio
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
 
@@ -36,31 +40,24 @@ CHROMIUM_FLAGS = [
     "--autoplay-policy=document-user-activation-required",  # what a user's browser does: a click first
 ]
 
-# Keeps the microphone device open (see above), and timestamps what the test needs on the page's clock.
+# Keeps the microphone device open (see above), and stamps on the wall clock what tests need.
 PAGE_INIT_SCRIPT = """
 (() => {
-    window.__mic = {firstOpenedAt: null, opens: 0};
-    window.__reply = [];
+    window.__mic = {firstOpenedAt: null, opens: 0, constraints: []};
     const open = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
     navigator.mediaDevices.getUserMedia = async (constraints) => {
+        window.__mic.constraints.push(JSON.stringify(constraints));
         const stream = await open(constraints);
         window.__mic.opens += 1;
         if (window.__mic.firstOpenedAt === null) {
-            window.__mic.firstOpenedAt = performance.now() / 1000;
+            window.__mic.firstOpenedAt = Date.now() / 1000;
             window.__mic.room = stream.clone();
         }
         return stream;
     };
     document.addEventListener("click", (event) => {
-        if (event.target.closest && event.target.closest("#stop")) window.__stopClickedAt = performance.now() / 1000;
+        if (event.target.closest && event.target.closest("#stop")) window.__stopClickedAt = Date.now() / 1000;
     }, true);
-    for (const type of ["play", "playing", "ended", "pause"]) {
-        document.addEventListener(type, (event) => {
-            if (event.target.closest && event.target.closest("#reply"))
-                window.__reply.push({type, at: performance.now() / 1000, position: event.target.currentTime,
-                                     muted: event.target.muted});
-        }, true);
-    }
 })();
 """
 
@@ -81,14 +78,15 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_app(log_path: Path, *extra_args: str, timeout_s: float = 90.0) -> Iterator[str]:
-    """`python app.py --engine echo` on 127.0.0.1 and a free port; yields its URL once the page is served."""
+def running_app(log_path: Path, *extra_args: str, timeout_s: float = 90.0, app_dir: Path = REPO_ROOT) -> Iterator[str]:
+    """`python app.py --engine echo` (of `app_dir`, this checkout unless told) on 127.0.0.1 and a free port;
+    yields its URL once the page is served."""
     port = free_port()
     env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
            "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "app.py", "--engine", "echo", *extra_args], cwd=REPO_ROOT,
+        process = subprocess.Popen([sys.executable, "app.py", "--engine", "echo", *extra_args], cwd=app_dir,
                                    env=env, stdout=log, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
         try:
@@ -125,7 +123,8 @@ class PageRecord:
 
 
 @contextmanager
-def chromium_page(microphone_wav: Path) -> Iterator[tuple[object, PageRecord]]:
+def chromium_page(microphone_wav: Path, pulse: PulseAudio | None = None) -> Iterator[tuple[object, PageRecord]]:
+    """A page of a fresh Chromium whose microphone plays `microphone_wav`; with `pulse`, its sound goes there."""
     from playwright.sync_api import sync_playwright
 
     record = PageRecord()
@@ -133,6 +132,7 @@ def chromium_page(microphone_wav: Path) -> Iterator[tuple[object, PageRecord]]:
         browser = playwright.chromium.launch(
             executable_path=CHROMIUM, headless=True,
             args=[*CHROMIUM_FLAGS, f"--use-file-for-fake-audio-capture={microphone_wav}"],
+            **(pulse.chromium_launch_kwargs() if pulse is not None else {}),
         )
         try:
             context = browser.new_context(permissions=["microphone"], viewport={"width": 1280, "height": 900})
@@ -145,28 +145,40 @@ def chromium_page(microphone_wav: Path) -> Iterator[tuple[object, PageRecord]]:
             browser.close()
 
 
-def page_clock(page: object) -> float:
-    return page.evaluate("performance.now() / 1000")  # type: ignore[attr-defined]
-
-
 def wait_for(page: object, condition_js: str, timeout_s: float, what: str) -> float:
-    """Poll a JS condition (no gesture: evaluate only reads); return the page-clock time it became true."""
+    """Poll a JS condition (no gesture: evaluate only reads); return the wall-clock time it became true."""
     deadline = time.monotonic() + timeout_s
+    guarded = f"() => {{ try {{ return Boolean({condition_js}); }} catch {{ return false; }} }}"
     while time.monotonic() < deadline:
-        guarded = f"() => {{ try {{ return Boolean({condition_js}); }} catch {{ return false; }} }}"
         if page.evaluate(guarded):  # type: ignore[attr-defined]
-            return page_clock(page)
+            return time.time()
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
-MIC_RECORDING = "document.querySelector('#mic .stop-button')"
-MIC_OFF = "document.querySelector('#mic .record-button')"
+SERVER_READY = "document.querySelector('#status').innerText.includes('echo engine')"
 
 
-def reply_events(page: object, kind: str) -> list[dict]:
-    return [event for event in page.evaluate("window.__reply") if event["type"] == kind]  # type: ignore[attr-defined]
+def live_events(page: object, kind: str | None = None) -> list[dict]:
+    """What the page's live client logged (web/live.js), on the wall clock; `kind` picks one type."""
+    events = page.evaluate("window.omniLive.state.events")  # type: ignore[attr-defined]
+    return [event for event in events if kind is None or event["type"] == kind]
 
 
 def mic_opened_at(page: object) -> float:
+    """Wall-clock time of the microphone file's time 0."""
     return page.evaluate("window.__mic.firstOpenedAt")  # type: ignore[attr-defined]
+
+
+def status_text(page: object) -> str:
+    return page.evaluate("document.querySelector('#status').innerText")  # type: ignore[attr-defined]
+
+
+def chat_counts(page: object) -> dict:
+    return page.evaluate("""() => ({
+        user: document.querySelectorAll('#chatbot [data-testid="user"]').length,
+        user_audio: document.querySelectorAll('#chatbot [data-testid="user"] [data-testid="waveform-Audio"]').length,
+        bot_audio: document.querySelectorAll('#chatbot [data-testid="bot"] [data-testid="waveform-Audio"]').length,
+        bot_text: Array.from(document.querySelectorAll('#chatbot [data-testid="bot"]'))
+            .map(e => e.innerText).join(' | '),
+    })""")  # type: ignore[attr-defined]

@@ -51,8 +51,11 @@ class PulseAudio:
 
     @property
     def env(self) -> dict[str, str]:
-        """For a client's environment: this server, and a cookie here (libpulse would write one under $HOME)."""
-        return {"PULSE_SERVER": f"unix:{self.socket}", "PULSE_COOKIE": str(self.socket.with_name("cookie"))}
+        """For a client's environment: this server, and the cookie and runtime dir that libpulse would otherwise
+        create under $HOME (and /tmp) kept in the daemon's folder."""
+        folder = self.socket.parent
+        return {"PULSE_SERVER": f"unix:{self.socket}", "PULSE_COOKIE": str(folder / "cookie"),
+                "PULSE_RUNTIME_PATH": str(folder / "runtime")}
 
     def chromium_launch_kwargs(self) -> dict[str, object]:
         """For `playwright.chromium.launch`: unmuted (Playwright mutes by default), playing into this daemon."""
@@ -115,6 +118,7 @@ class Recording:
         return start + np.arange(count) * BLOCK_S, _db(samples[: count * BLOCK].reshape(count, BLOCK))
 
     def samples_between(self, start_wall: float, end_wall: float) -> np.ndarray:
+        """The int16 samples that played from `start_wall` up to `end_wall`."""
         start, samples = self._snapshot()
         return samples[_index(start_wall, start, samples):_index(end_wall, start, samples)]
 
@@ -158,9 +162,7 @@ class Recording:
     def save_wav(self, path: Path | str) -> None:
         """The whole recording as a 16 kHz mono WAV, to listen to when a test fails."""
         with wave.open(str(path), "wb") as out:
-            out.setnchannels(1)
-            out.setsampwidth(2)
-            out.setframerate(RATE)
+            out.setparams((1, 2, RATE, 0, "NONE", "not compressed"))
             out.writeframes(self._snapshot()[1].tobytes())
 
 

@@ -1,113 +1,186 @@
 """The per-tab conversation state machine (state.py) and the history files, driven by real speech through the
-real pause detector; no Gradio, no server."""
+real pause detector and echo gate; no Gradio, no server, no browser."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
+import soxr
 
-from audio_files import TurnFiles, encode_mp3, wav_bytes
+from audio_files import TurnFiles
 from history import TurnFigures, assistant_turn
-from state import Conversation, MicAction, Phase
-from tests.speech import espeak_available, join, silence, speak
+from state import Conversation, CutIn, HeardTurn, Phase
+from tests.speech import espeak_available, join, silence, speak, trim
 from vad import VadOptions
 
 pytestmark = pytest.mark.skipif(not espeak_available(), reason="espeak-ng is not installed")
 
+FRAME = 512  # what the page sends: 32 ms at 16 kHz
+
 
 @pytest.fixture(scope="module")
-def turn_audio() -> np.ndarray:
-    return join(silence(0.4), speak("Hello there, how are you?"), silence(1.5))
+def question() -> np.ndarray:
+    return speak("Hello there, how are you today?")
 
 
-def heard_turn(conversation: Conversation, audio: np.ndarray):
-    for start in range(0, len(audio), 8000):
-        heard = conversation.hear(16_000, audio[start : start + 8000], now=100.0 + start / 16_000)
-        if heard is not None:
-            return heard
-    raise AssertionError("no turn")
+@pytest.fixture(scope="module")
+def other_question() -> np.ndarray:
+    return speak("Wait, tell me about the weather instead.")
 
 
-def test_a_turn_goes_round_the_phases(turn_audio: np.ndarray) -> None:
+def as_reply_pcm(audio_16k: np.ndarray) -> bytes:
+    """What the echo engine answers: the speech at 24 kHz, s16le."""
+    return (np.clip(soxr.resample(audio_16k, 16_000, 24_000), -1, 1) * 32767).astype("<i2").tobytes()
+
+
+def feed(conversation: Conversation, audio: np.ndarray, until: type | None = None):
+    """Feed `audio` frame by frame; return the first event of type `until` (or None when all was fed)."""
+    for start in range(0, len(audio), FRAME):
+        event = conversation.hear(16_000, audio[start : start + FRAME])
+        if event is not None and (until is None or isinstance(event, until)):
+            return event
+        assert event is None or until is not None, f"unexpected {event}"
+    return None
+
+
+def answered(conversation: Conversation, question: np.ndarray):
+    """A conversation that has heard `question` and is playing its echo as the reply (SPEAKING)."""
+    heard = feed(conversation, join(silence(0.4), question, silence(1.2)), HeardTurn)
+    reply = conversation.start_reply()
+    assert conversation.reply_audio(reply, as_reply_pcm(heard.utterance.audio))
+    return heard, reply
+
+
+def test_a_turn_goes_round_the_phases(question: np.ndarray) -> None:
     conversation = Conversation()
     assert conversation.phase is Phase.IDLE
-    assert conversation.hear(16_000, turn_audio[:8000]) is None, "nothing is heard before Record"
-    assert conversation.listen(VadOptions())
-    heard = heard_turn(conversation, turn_audio)
+    assert conversation.hear(16_000, question[:FRAME]) is None, "nothing is heard before Start"
+    assert conversation.start() and not conversation.start(), "one conversation at a time"
+    heard = feed(conversation, join(silence(0.4), question, silence(1.2)), HeardTurn)
     assert conversation.phase is Phase.THINKING and heard.number == 1
-    assert heard.speech_ended_at < 100.0 + len(turn_audio) / 16_000, "speech ended before the last chunk came"
-    assert conversation.hear(16_000, turn_audio[:8000]) is None, "audio after the turn's end is ignored"
-    assert not conversation.listen(VadOptions()), "no new turn while one waits for its answer"
 
     reply = conversation.start_reply()
     assert reply is not None and conversation.start_reply() is None, "a turn is answered once"
-    assert conversation.queued(reply) and conversation.phase is Phase.QUEUED
-    assert conversation.unqueued(reply) and conversation.phase is Phase.THINKING
-    assert conversation.reply_audio(reply, b"\x01\x00" * 100, now=heard.speech_ended_at + 1.25)
+    conversation.queued(reply, 2)
+    assert conversation.phase is Phase.QUEUED and reply.queue_ahead == 2
+    conversation.queued(reply, 0)
+    assert conversation.phase is Phase.THINKING
+    assert conversation.reply_audio(reply, b"\x01\x00" * 2400, now=heard.speech_ended_at + 1.25)
     assert conversation.phase is Phase.SPEAKING and reply.seconds_to_first_audio == pytest.approx(1.25)
-    assert not conversation.playback_ended(), "the reply is still streaming"
-    assert conversation.finish_reply(reply) and not conversation.finish_reply(reply)
+    conversation.sounding(1, 1.4)
+    assert reply.seconds_to_first_audio == 1.4, "the browser's own measure wins"
+    assert conversation.playback_over(1, 2400, complete=True) is None, "the player caught up; more is coming"
+    assert conversation.finish_reply(reply) is None, "a reply with audio is filed when its playback is over"
     assert conversation.phase is Phase.SPEAKING, "it still plays in the browser"
-    assert conversation.playback_ended() and conversation.phase is Phase.LISTENING
-    assert heard_turn(conversation, turn_audio).number == 2, "the detector starts afresh for the next turn"
+    assert conversation.playback_over(1, 2400, complete=True) is reply
+    assert conversation.playback_over(1, 2400, complete=True) is None, "filed once"
+    assert conversation.phase is Phase.LISTENING and reply.heard_pcm == bytes(reply.pcm)
+
+    second = feed(conversation, join(silence(0.4), question, silence(1.2)), HeardTurn)
+    assert second.number == 2
+    assert second.utterance.start_s > heard.utterance.speech_end_s, "one stream, one clock, across turns"
 
 
-def test_a_reply_without_audio_listens_again_at_once(turn_audio: np.ndarray) -> None:
+def test_a_reply_without_audio_gives_the_turn_back_at_once(question: np.ndarray) -> None:
     conversation = Conversation()
-    conversation.listen(VadOptions())
-    heard_turn(conversation, turn_audio)
+    conversation.start()
+    feed(conversation, join(silence(0.4), question, silence(1.2)), HeardTurn)
     reply = conversation.start_reply()
-    assert conversation.finish_reply(reply) and conversation.phase is Phase.LISTENING
+    assert conversation.finish_reply(reply, "The server failed.") is reply
+    assert conversation.phase is Phase.LISTENING and conversation.notice == "The server failed."
 
 
-def test_stop_cancels_and_hands_back_the_reply_in_flight(turn_audio: np.ndarray) -> None:
+def test_the_user_cuts_in_from_their_first_syllable(question: np.ndarray, other_question: np.ndarray) -> None:
     conversation = Conversation()
-    conversation.listen(VadOptions())
-    heard_turn(conversation, turn_audio)
+    conversation.start()
+    _, reply = answered(conversation, question)
+    assert conversation.phase is Phase.SPEAKING
+    words = trim(other_question)
+    echo_under = np.pad(0.1 * question, (0, len(words)))[: len(words)]
+    speech_start = conversation.stream_s + 0.5
+    cut_in = feed(conversation, join(silence(0.5), words + echo_under, silence(1.2)), CutIn)
+    assert cut_in.reply is reply and reply.cancel.is_set() and reply.interrupted
+    assert conversation.phase is Phase.INTERRUPTED
+    assert not conversation.reply_audio(reply, b"\x00\x00"), "a cut-off reply takes no more audio"
+    assert conversation.playback_over(1, 12_000, complete=False) is reply, "filed with what was played"
+    assert reply.heard_pcm == bytes(reply.pcm[:24_000])
+
+    turn = feed(conversation, join(silence(1.2)), HeardTurn)
+    assert turn is not None and turn.number == 2 and conversation.phase is Phase.THINKING
+    assert turn.utterance.start_s <= speech_start, "the cut-in turn keeps its first syllable"
+
+
+def test_the_replys_own_echo_never_cuts_in(question: np.ndarray) -> None:
+    checked = []
+
+    def echo_check(heard: np.ndarray, reply_pcm: bytes) -> bool:
+        from state import reply_echo
+
+        checked.append(reply_echo(heard, reply_pcm))
+        return checked[-1]
+
+    conversation = Conversation(echo_check=echo_check)
+    conversation.start()
+    answered(conversation, question)
+    assert feed(conversation, join(silence(0.2), 0.1 * question, silence(0.5))) is None
+    assert conversation.phase is Phase.SPEAKING, "a -20 dB copy of the reply is its echo, not the user"
+    assert checked and all(checked), "the detector heard speech; the echo gate recognised it"
+
+
+def test_without_barge_in_speech_over_the_reply_is_ignored(question: np.ndarray, other_question: np.ndarray) -> None:
+    conversation = Conversation()
+    conversation.set_options(VadOptions(), barge_in=False)
+    conversation.start()
+    answered(conversation, question)
+    assert feed(conversation, join(other_question, silence(1.2))) is None
+    assert conversation.phase is Phase.SPEAKING
+
+
+def test_stop_cancels_and_hands_back_every_unfiled_reply(question: np.ndarray, other_question: np.ndarray) -> None:
+    conversation = Conversation()
+    conversation.start()
+    _, first = answered(conversation, question)
+    feed(conversation, join(silence(0.3), other_question), CutIn)
+    feed(conversation, silence(1.2), HeardTurn)
+    second = conversation.start_reply()
+    assert set(map(id, conversation.stop())) == {id(first), id(second)}, "both the cut-off and the new reply"
+    assert conversation.phase is Phase.STOPPED and second.cancel.is_set()
+    assert not conversation.reply_audio(second, b"\x00\x00"), "audio after Stop is dropped"
+    assert conversation.finish_reply(second) is None, "Stop handed it back already"
+    assert conversation.playback_over(1, 10, complete=False) is None
+    assert conversation.start() and conversation.phase is Phase.LISTENING, "Start begins again"
+
+
+def test_new_options_hold_from_the_next_turn(question: np.ndarray) -> None:
+    conversation = Conversation()
+    conversation.start()
+    conversation.set_options(VadOptions(pause_secs=1.5), barge_in=True)
+    with_pause = join(silence(0.4), question, silence(1.0))
+    assert isinstance(feed(conversation, with_pause, HeardTurn), HeardTurn), "this turn keeps its 0.8 s pause"
     reply = conversation.start_reply()
-    conversation.reply_audio(reply, b"\x00\x00" * 10)
-    assert conversation.stop() is reply and reply.cancel.is_set()
-    assert conversation.phase is Phase.STOPPED
-    assert not conversation.reply_audio(reply, b"\x00\x00"), "audio after Stop is dropped"
-    assert not conversation.finish_reply(reply), "Stop filed it already"
-    assert not conversation.playback_ended(), "nothing re-arms after Stop"
-    assert conversation.listen(VadOptions()) and conversation.phase is Phase.LISTENING, "Record starts again"
+    conversation.finish_reply(reply)
+    assert feed(conversation, with_pause) is None, "the next one waits 1.5 s"
 
 
-def test_mic_commands_never_repeat() -> None:
+def test_a_follower_wakes_on_change() -> None:
     conversation = Conversation()
-    commands = [conversation.mic_command(action) for action in (MicAction.STOP, MicAction.RECORD, MicAction.STOP)]
-    assert len(set(commands)) == 3 and commands[0].startswith("stop:") and commands[1].startswith("record:")
+    seen = conversation.version
+    threading.Timer(0.05, conversation.start).start()
+    assert conversation.wait_for_change(seen, timeout_s=5) != seen
+    assert conversation.phase is Phase.LISTENING
 
 
-def test_new_options_make_a_new_detector(turn_audio: np.ndarray) -> None:
-    made = []
-
-    def factory(options: VadOptions):
-        from vad import PauseDetector
-
-        made.append(options)
-        return PauseDetector(options)
-
-    conversation = Conversation(detector_factory=factory)
-    conversation.listen(VadOptions())
-    conversation.listen(VadOptions())
-    conversation.listen(VadOptions(pause_secs=1.2))
-    assert [options.pause_secs for options in made] == [0.8, 1.2]
-
-
-def test_reply_files_and_chunks(tmp_path) -> None:
+def test_reply_files_and_figures(tmp_path) -> None:
     from pydub import AudioSegment
 
     pcm = (np.sin(np.arange(24_000) / 5) * 9000).astype("<i2").tobytes()
     files = TurnFiles(tmp_path)
     mp3 = files.reply_mp3(1, pcm, 24_000)
     assert abs(len(AudioSegment.from_file(mp3, format="mp3")) - 1000) < 60, "one second of reply, one MP3"
-    assert isinstance(encode_mp3(pcm, 24_000), bytes)
-    chunk = wav_bytes(pcm[:4096], 24_000)
-    assert chunk[:4] == b"RIFF" and len(chunk) == 44 + 4096
     messages = assistant_turn(mp3, " hi ", TurnFigures(1.234, 1.0))
     assert [m["content"] if isinstance(m["content"], str) else "audio" for m in messages] == [
-        "audio", "hi", "*1.23 s to first audio · 1.0 s reply*"]
+        "audio", "hi", "*1.23 s to first sound · 1.0 s reply*"]
     files.delete()
     assert not files.folder.exists()
