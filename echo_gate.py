@@ -18,6 +18,9 @@ import soxr
 # echo is a tenth of the amplitude), white noise 0.06 (tests/test_echo_gate.py).
 ECHO_CORRELATION = 0.5
 REFERENCE_S = 10.0  # how far back in the reply an echo is looked for (the player's buffer plus the room)
+# Both sides are compared at 8 kHz: speech's echo is recognised as surely, and one check against 10 s of
+# reply takes about 9 ms instead of 40 ms at 16 kHz (2-core machine): it is on the cut-in's critical path.
+CHECK_RATE = 8_000
 
 
 def echo_likeness(heard: np.ndarray, reference: np.ndarray) -> float:
@@ -53,5 +56,5 @@ def is_reply_echo(heard: np.ndarray, heard_rate: int, reply_pcm: bytes, reply_ra
     recent = np.frombuffer(reply_pcm[max(0, usable - 2 * round(REFERENCE_S * reply_rate)) : usable], dtype="<i2")
     if len(recent) == 0:
         return False
-    reference = soxr.resample(recent.astype(np.float32) / 32768.0, reply_rate, heard_rate)
-    return is_echo(heard, reference)
+    reference = soxr.resample(recent.astype(np.float32) / 32768.0, reply_rate, CHECK_RATE)
+    return is_echo(soxr.resample(np.asarray(heard, dtype=np.float32), heard_rate, CHECK_RATE), reference)

@@ -70,21 +70,26 @@ class LiveLink:
         self.closed.set()
 
     def _answer(self, heard: HeardTurn) -> None:
-        self._send(wire.server_message("turn", turn=heard.number, speech_end_s=round(heard.utterance.speech_end_s, 4)))
-        try:
-            file_user_turn(self.conversation, heard, self._session.files)
-        except OSError as error:  # e.g. a full disk: the turn is still answered, only its file is missing
-            log.warning("could not save turn %d: %s", heard.number, error)
+        utterance = heard.utterance
+        self._send(wire.server_message("turn", turn=heard.number, speech_end_s=round(utterance.speech_end_s, 4),
+                                       utterance_s=round(utterance.duration_s, 4)))
         reply = self.conversation.start_reply()
         if reply is not None:
             threading.Thread(target=self._stream, args=(reply,), name=f"reply-{heard.number}", daemon=True).start()
 
     def _stream(self, reply: Reply) -> None:
+        """File the user's words (a WAV, about 1 ms), then stream the reply: both off the microphone's path."""
         turn = reply.turn.number
+        try:
+            file_user_turn(self.conversation, reply.turn, self._session.files)
+        except OSError as error:  # e.g. a full disk: the turn is still answered, only its file is missing
+            log.warning("could not save turn %d: %s", turn, error)
         answer(self.conversation, reply, self._server, self._session.files,
                play=lambda pcm: self._send(wire.reply_frame(turn, pcm)), settings=self._settings)
         if not reply.cancel.is_set():
-            self._send(wire.server_message("reply_end", turn=turn))
+            engine_s = reply.engine_first_audio_s
+            self._send(wire.server_message("reply_end", turn=turn,
+                                           engine_first_audio_s=None if engine_s is None else round(engine_s, 4)))
 
 
 def status_line(conversation: Conversation, server: str) -> str:

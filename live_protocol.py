@@ -13,11 +13,13 @@ Up (browser -> app):
 - text `{"type": "stop"}`: the user ended the conversation.
 
 Down (app -> browser):
-- text `{"type": "turn", "turn": n, "speech_end_s": s}`: the user's turn n ended; its speech ended s seconds
-  into the microphone stream (counted from the first frame sent).
+- text `{"type": "turn", "turn": n, "speech_end_s": s, "utterance_s": d}`: the user's turn n ended; its
+  speech ended s seconds into the microphone stream (counted from the first frame sent), and the d seconds
+  sent to the model (speech with a little before and after it) are being answered.
 - binary: reply audio, a 4-byte little-endian turn number then s16le mono PCM at REPLY_SAMPLE_RATE. Pieces of
   one turn play gaplessly; pieces of a flushed turn are dropped.
-- text `{"type": "reply_end", "turn": n}`: no more audio for turn n (play what is buffered, then report).
+- text `{"type": "reply_end", "turn": n, "engine_first_audio_s": s}`: no more audio for turn n (play what is
+  buffered, then report); s is the model server's share of the wait (request to first audio), or null.
 - text `{"type": "flush", "turn": n}`: silence turn n's reply now (the user cut in); report what was played.
 - text `{"type": "ping"}` every PING_INTERVAL_S, so proxies (Hugging Face Spaces) keep an idle socket open.
 - text `{"type": "error", "message": M}`: a sentence for the page, before the app closes the socket.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
@@ -88,6 +89,7 @@ def answer(
     failure: str | None = None
     try:
         wav = omni_client.utterance_wav(reply.turn.utterance.audio, VAD_SAMPLE_RATE)
+        reply.requested_at = time.monotonic()
         # closing(): a cancelled reply (Stop, a cut-in) drops its request at once, freeing the server
         with closing(_request_reply(server, wav, settings, cancel=reply.cancel)) as stream:
             for piece in stream:

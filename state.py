@@ -88,6 +88,7 @@ class Reply:
     pcm: bytearray = field(default_factory=bytearray)
     text: str = ""
     queue_ahead: int = 0  # conversations the server answers first
+    requested_at: float | None = None  # the request went to the model server (monotonic clock)
     first_audio_at: float | None = None  # the first reply bytes reached the app (monotonic clock)
     sounding_after_s: float | None = None  # the browser's figure: end of speech -> reply audible
     streamed: bool = False  # the server's stream is over
@@ -104,6 +105,13 @@ class Reply:
         if self.first_audio_at is None:
             return None
         return self.first_audio_at - self.turn.speech_ended_at
+
+    @property
+    def engine_first_audio_s(self) -> float | None:
+        """The model server's share of the wait: from the request to its first audio."""
+        if self.first_audio_at is None or self.requested_at is None:
+            return None
+        return self.first_audio_at - self.requested_at
 
     @property
     def heard_pcm(self) -> bytes:

@@ -77,10 +77,18 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class RunningApp:
+    url: str
+    pid: int  # the app's own process (its model server is a child process of its own)
+
+
 @contextmanager
-def running_app(log_path: Path, *extra_args: str, timeout_s: float = 90.0, app_dir: Path = REPO_ROOT) -> Iterator[str]:
-    """`python app.py --engine echo` (of `app_dir`, this checkout unless told) on 127.0.0.1 and a free port;
-    yields its URL once the page is served."""
+def running_app(
+    log_path: Path, *extra_args: str, timeout_s: float = 90.0, app_dir: Path = REPO_ROOT
+) -> Iterator[RunningApp]:
+    """`python app.py --engine echo` (of `app_dir`, this checkout unless told) on 127.0.0.1 and a free port,
+    once its page is served."""
     port = free_port()
     env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
            "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -101,7 +109,7 @@ def running_app(log_path: Path, *extra_args: str, timeout_s: float = 90.0, app_d
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"app.py did not serve {url} within {timeout_s} s; see {log_path}")
                     time.sleep(0.3)
-            yield url
+            yield RunningApp(url, process.pid)
         finally:
             process.terminate()
             try:
@@ -123,26 +131,38 @@ class PageRecord:
 
 
 @contextmanager
-def chromium_page(microphone_wav: Path, pulse: PulseAudio | None = None) -> Iterator[tuple[object, PageRecord]]:
-    """A page of a fresh Chromium whose microphone plays `microphone_wav`; with `pulse`, its sound goes there."""
+def chromium_pages(microphone_wavs: list[Path], pulse: PulseAudio | None = None) -> Iterator[list[tuple[object, PageRecord]]]:
+    """One page per file, each in a fresh Chromium of its own (the fake microphone is per browser); with
+    `pulse`, their sound goes there."""
     from playwright.sync_api import sync_playwright
 
-    record = PageRecord()
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=[*CHROMIUM_FLAGS, f"--use-file-for-fake-audio-capture={microphone_wav}"],
-            **(pulse.chromium_launch_kwargs() if pulse is not None else {}),
-        )
+        browsers = []
         try:
-            context = browser.new_context(permissions=["microphone"], viewport={"width": 1280, "height": 900})
-            context.add_init_script(PAGE_INIT_SCRIPT)
-            page = context.new_page()
-            page.on("request", lambda request: record.requests.append(request.url))
-            page.on("console", lambda message: record.console.append(message.text))
-            yield page, record
+            pages = []
+            for wav in microphone_wavs:
+                browsers.append(playwright.chromium.launch(
+                    executable_path=CHROMIUM, headless=True,
+                    args=[*CHROMIUM_FLAGS, f"--use-file-for-fake-audio-capture={wav}"],
+                    **(pulse.chromium_launch_kwargs() if pulse is not None else {}),
+                ))
+                context = browsers[-1].new_context(permissions=["microphone"], viewport={"width": 1280, "height": 900})
+                context.add_init_script(PAGE_INIT_SCRIPT)
+                page, record = context.new_page(), PageRecord()
+                page.on("request", lambda request, record=record: record.requests.append(request.url))
+                page.on("console", lambda message, record=record: record.console.append(message.text))
+                pages.append((page, record))
+            yield pages
         finally:
-            browser.close()
+            for browser in browsers:
+                browser.close()
+
+
+@contextmanager
+def chromium_page(microphone_wav: Path, pulse: PulseAudio | None = None) -> Iterator[tuple[object, PageRecord]]:
+    """A page of a fresh Chromium whose microphone plays `microphone_wav`; with `pulse`, its sound goes there."""
+    with chromium_pages([microphone_wav], pulse) as [page]:
+        yield page
 
 
 def wait_for(page: object, condition_js: str, timeout_s: float, what: str) -> float:

@@ -60,7 +60,7 @@ def pulse():
 @pytest.fixture(scope="module")
 def url() -> str:
     with harness.running_app(OUTPUT / "app.log") as running:
-        yield running
+        yield running.url
 
 
 def heard_between(capture: Recording, start: float, end: float) -> float:

@@ -133,9 +133,10 @@
     if (message.type === "turn") {
       const speechEndMs = heardAt(Math.round(message.speech_end_s * settings.micSampleRate));
       live.turns.set(message.turn, {speechEndMs});
-      log("turn-end", {turn: message.turn, speechEnd: speechEndMs / 1000});
+      log("turn-end", {turn: message.turn, speechEnd: speechEndMs / 1000, utterance: message.utterance_s});
     } else if (message.type === "reply_end") {
       live.player.port.postMessage({type: "end", turn: message.turn});
+      log("reply-end", {turn: message.turn, engineFirstAudio: message.engine_first_audio_s});
     } else if (message.type === "flush") {
       live.flushed.add(message.turn);
       live.player.port.postMessage({type: "flush", turn: message.turn});
