@@ -135,11 +135,14 @@ class Handlers:
             seen = conversation.wait_for_change(seen, 0.25)
         shown: tuple[list[dict], str] | None = None
         while True:
+            stopped = conversation.phase is Phase.STOPPED
+            if stopped and session.link is not None:
+                session.link.closed.wait(STOP_GRACE_S)  # it files the replies it stopped, then is closed
             view = (self._chat(conversation), status_line(conversation, self.backend.description))
             if view != shown:
                 shown = view
                 yield gr.skip(), *view
-            if conversation.phase is Phase.STOPPED:
+            if stopped:
                 return
             seen = conversation.wait_for_change(seen, FOLLOW_CHECK_S)
 
@@ -155,10 +158,14 @@ class Handlers:
         self.tokens.revoke(session)
         return self._chat(session.conversation), status_line(session.conversation, self.backend.description)
 
-    def open_link(self, session: Session, send: Send) -> LiveLink:
-        """The live route found `session` by its token: the tab's channel to the conversation."""
-        session.link = LiveLink(session, self.backend, self.settings, send)
-        return session.link
+    def open_link(self, session: Session, send: Send) -> LiveLink | None:
+        """The live route found `session` by its token: the tab's channel to a new conversation, or None when
+        one is going on already."""
+        link = LiveLink(session, self.backend, self.settings, send)
+        if not link.open():
+            return None
+        session.link = link
+        return link
 
     def api_chat(self, audio: tuple[int, np.ndarray] | None) -> tuple[str | None, str]:
         """For programs: a whole spoken turn in, the whole spoken reply (MP3) and its text out."""

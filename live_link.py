@@ -65,9 +65,11 @@ class LiveLink:
         """The conversation ends (Stop, or the socket closed): cancel the reply, keep everything in the chat."""
         if self.closed.is_set():
             return
-        for reply in self.conversation.stop(notice):
-            file_reply(self.conversation, reply, self._session.files)
-        self.closed.set()
+        try:
+            for reply in self.conversation.stop(notice):
+                file_reply(self.conversation, reply, self._session.files)
+        finally:
+            self.closed.set()
 
     def _answer(self, heard: HeardTurn) -> None:
         utterance = heard.utterance
@@ -84,6 +86,8 @@ class LiveLink:
             file_user_turn(self.conversation, reply.turn, self._session.files)
         except OSError as error:  # e.g. a full disk: the turn is still answered, only its file is missing
             log.warning("could not save turn %d: %s", turn, error)
+            self.conversation.warn(f"Your words could not be saved to the chat ({error.strerror or error}); "
+                                   "answering anyway.")
         answer(self.conversation, reply, self._server, self._session.files,
                play=lambda pcm: self._send(wire.reply_frame(turn, pcm)), settings=self._settings)
         if not reply.cancel.is_set():

@@ -3,7 +3,7 @@
 Up (browser -> app):
 - text `{"type": "hello", "token": T}` first: T is the single-use token the page got when Start was clicked;
   it binds the socket to that tab's conversation. Anything else first, or an unknown or used token, is
-  refused with an `error` message and close code 4403.
+  refused with an `error` message and close code 4403 (4400 for an unusable message later on).
 - binary: microphone audio, s16le mono at MIC_SAMPLE_RATE, MIC_FRAME_SAMPLES per frame (32 ms, one silero
   window), at most MAX_MIC_FRAME_SAMPLES.
 - text `{"type": "sounding", "turn": n, "after_s": s}`: the reply to turn n became audible s seconds after the
@@ -42,6 +42,7 @@ MAX_MIC_FRAME_SAMPLES = 4 * 1024  # 0.26 s: shorter than any turn, so one frame 
 PING_INTERVAL_S = 15.0
 HELLO_TIMEOUT_S = 10.0
 REFUSED_CODE = 4403  # WebSocket close code for a refused token (4000-4999 are the application's own)
+UNUSABLE_CODE = 4400  # close code after the page sent something the app cannot use
 
 
 class ProtocolError(ValueError):
@@ -146,5 +147,4 @@ def page_settings() -> dict[str, object]:
         "micSampleRate": MIC_SAMPLE_RATE,
         "micFrameSamples": MIC_FRAME_SAMPLES,
         "replySampleRate": REPLY_SAMPLE_RATE,
-        "refusedCode": REFUSED_CODE,
     }

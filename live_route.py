@@ -24,6 +24,7 @@ from live_link import LiveLink, Send
 log = logging.getLogger(__name__)
 
 S = TypeVar("S")
+LOST = "The live audio connection closed."
 
 
 class LiveTokens(Generic[S]):
@@ -55,7 +56,7 @@ class LiveTokens(Generic[S]):
             del self._sessions[token]
 
 
-MakeLink = Callable[[S, Send], LiveLink]
+MakeLink = Callable[[S, Send], LiveLink | None]  # an opened link, or None when the session refuses one
 
 
 def add_live_route(app: FastAPI, tokens: LiveTokens[S], make_link: MakeLink[S], path: str = "/live") -> None:
@@ -67,17 +68,21 @@ def add_live_route(app: FastAPI, tokens: LiveTokens[S], make_link: MakeLink[S], 
             return
         loop = asyncio.get_running_loop()
         outbox: asyncio.Queue[str | bytes] = asyncio.Queue()
-        link = make_link(session, lambda message: loop.call_soon_threadsafe(outbox.put_nowait, message))
-        if not await asyncio.to_thread(link.open):
+        link = await asyncio.to_thread(
+            make_link, session, lambda message: loop.call_soon_threadsafe(outbox.put_nowait, message))
+        if link is None:
             await _refuse(socket, "This tab's conversation is already running in another connection.")
             return
         sender = asyncio.create_task(_send_all(socket, outbox))
-        notice = "The live audio connection closed."
+        problem: str | None = None
         try:
-            notice = await _receive_all(socket, link) or notice
+            problem = await _receive_all(socket, link)
+        except WebSocketDisconnect:
+            pass
         finally:
             sender.cancel()
-            await asyncio.to_thread(link.close, None if link.closed.is_set() else notice)
+            await asyncio.to_thread(link.close, None if link.closed.is_set() else problem or LOST)
+        await _close(socket, problem)
 
 
 async def _greeted_session(socket: WebSocket, tokens: LiveTokens[S]) -> S | None:
@@ -94,16 +99,24 @@ async def _greeted_session(socket: WebSocket, tokens: LiveTokens[S]) -> S | None
 
 
 async def _refuse(socket: WebSocket, sentence: str) -> None:
+    await _close(socket, sentence, wire.REFUSED_CODE)
+
+
+async def _close(socket: WebSocket, problem: str | None, code: int = wire.UNUSABLE_CODE) -> None:
+    """Close the socket: normally, or after telling the page what went wrong in a sentence."""
     try:
-        await socket.send_text(wire.server_message("error", message=sentence))
-        await socket.close(code=wire.REFUSED_CODE, reason="refused")
+        if problem is None:
+            await socket.close(code=1000)
+        else:
+            await socket.send_text(wire.server_message("error", message=problem))
+            await socket.close(code=code)
     except (WebSocketDisconnect, RuntimeError):
         pass  # the page left first
 
 
 async def _receive_all(socket: WebSocket, link: LiveLink) -> str | None:
-    """Feed the page's messages to the link until the socket closes or the user stops. Returns a notice for
-    the user when the conversation ended for another reason than Stop."""
+    """Feed the page's messages to the link until the socket closes or the user stops. Returns a sentence
+    for the user when the page sent something unusable."""
     while True:
         message = await socket.receive()
         if message["type"] == "websocket.disconnect":

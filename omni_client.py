@@ -16,6 +16,7 @@ import enum
 import json
 import logging
 import queue
+import socket
 import subprocess
 import sys
 import threading
@@ -132,6 +133,7 @@ class _Exchange:
     def __init__(self, url: str, payload: dict, connect_timeout_s: float, stall_timeout_s: float) -> None:
         self._events: queue.Queue[tuple[str, object]] = queue.Queue()
         self._abandoned = threading.Event()
+        self._response: requests.Response | None = None
         args = (url, payload, (connect_timeout_s, stall_timeout_s))
         threading.Thread(target=self._run, args=args, name="omni-client-reply", daemon=True).start()
 
@@ -153,12 +155,21 @@ class _Exchange:
                 return
 
     def abandon(self) -> None:
-        """Stop reading; the worker closes the connection at its next wake-up (data or stall timeout)."""
+        """Stop reading and drop the connection now, so the server learns at once that nobody listens (and a
+        queued request leaves the line) rather than at its next piece."""
         self._abandoned.set()
+        connection = self._response.raw._connection if self._response is not None else None  # urllib3 2.x
+        sock = getattr(connection, "sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the worker's blocked read; close() alone would not
+            except OSError:
+                pass  # already closed
 
     def _run(self, url: str, payload: dict, timeout: tuple[float, float]) -> None:
         try:
             with requests.post(url, json=payload, stream=True, timeout=timeout) as response:
+                self._response = response
                 self._events.put((_HEAD, response))
                 while not self._abandoned.is_set():
                     data = response.raw.read1(READ_SIZE)

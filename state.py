@@ -310,6 +310,12 @@ class Conversation:
 
     # -- bookkeeping ---------------------------------------------------------------------------------------
 
+    def warn(self, sentence: str) -> None:
+        """Something the user should know (shown with the status line until the next reply)."""
+        with self._lock:
+            self.notice = sentence
+            self._touch()
+
     def add_messages(self, *messages: dict) -> None:
         with self._lock:
             self.history.extend(messages)

@@ -19,7 +19,8 @@ Figures (seconds unless named otherwise):
   reply, placed in the microphone before that, interrupted it (it must not); whether the interrupting
   question was answered.
 - gaps: silences over 20 ms inside a 10 s reply (the question carries a quiet tone under the speech, so the
-  reply is never silent while it plays).
+  reply is never silent while it plays); slow_model: the same against an echo engine paced 1.34x slower than
+  real time (mini-omni in fp32 on this 2-core CPU), with the player's stalls.
 - tabs: 4 browsers talking at once, each with a question of its own length; each must hear its own reply.
 - cpu: app CPU per listening tab (percent of one core), beside an idle page, over --cpu-seconds.
 
@@ -147,7 +148,8 @@ def barge_in(app: harness.RunningApp, pulse: PulseAudio) -> dict:
     }
 
 
-def gaps(app: harness.RunningApp, pulse: PulseAudio, old: bool) -> dict:
+def gaps(app: harness.RunningApp, pulse: PulseAudio, old: bool, wait_s: float = 14.0) -> dict:
+    """A 10 s reply that is never silent while it plays: any silence in it is the player's."""
     words = trim(speak(LONG_QUESTION))
     tone = 0.03 * np.sin(2 * np.pi * 200 * np.arange(len(words)) / RATE)  # -33 dBFS under the speech
     script = Script().add((words + tone).astype(np.float32), "question")
@@ -155,14 +157,34 @@ def gaps(app: harness.RunningApp, pulse: PulseAudio, old: bool) -> dict:
     with _page(app, wav, pulse) as page, recording(pulse) as capture:
         _mic_on(page, old)
         room = harness.mic_opened_at(page)
-        time.sleep(max(0.0, script.length_s - (time.time() - room)) + 14.0)
+        time.sleep(max(0.0, script.length_s - (time.time() - room)) + wait_s)
         start = capture.first_sound_after(room + script.spans["question"][1])
         if start is None:
             return {"reply_heard": False}
-        spoken = script.spans["question"][1] - script.spans["question"][0]
-        found = capture.gaps(start + 0.05, start + spoken - 0.05, threshold_db=-50.0, min_gap_s=0.02)
-    return {"reply_s": round(spoken, 2), "gaps_over_20ms": len(found),
-            "longest_gap_ms": round(1000 * max((end - begin for begin, end in found), default=0.0), 1)}
+        if old:
+            end = capture.sound_stopped_after(start, quiet_s=1.0)
+        else:  # the player says when it has played the reply
+            end = next((e["at"] for e in harness.live_events(page, "played")), None)
+        found = capture.gaps(start + 0.05, (end or time.time()) - 0.1, threshold_db=-50.0, min_gap_s=0.02)
+        result = {"reply_s": round(script.spans["question"][1] - script.spans["question"][0], 2),
+                  "heard_s": None if end is None else round(end - start, 2), "gaps_over_20ms": len(found),
+                  "longest_gap_ms": round(1000 * max((b - a for a, b in found), default=0.0), 1),
+                  "silent_in_gaps_s": round(sum(b - a for a, b in found), 2)}
+        if not old:
+            first_audio = harness.live_events(page, "first-audio")[0]["at"]
+            result |= {"stalls": len(harness.live_events(page, "stalled")),
+                       "first_audio_to_sound_s": round(start - first_audio, 3)}
+    return result
+
+
+def slow_model(pulse: PulseAudio, real_time_factor: float) -> dict:
+    """The player against a reply that arrives slower than real time (a model on a slow CPU)."""
+    from omni_server.echo import EchoEngine
+    from tests.servers import serving_engine
+
+    with serving_engine(EchoEngine(real_time_factor=real_time_factor)) as server, \
+            harness.running_app(OUTPUT / "slow-app.log", "--server-url", server) as app:
+        return {"real_time_factor": real_time_factor} | gaps(app, pulse, old=False, wait_s=20.0)
 
 
 def tabs(app: harness.RunningApp, pulse: PulseAudio, count: int) -> dict:
@@ -238,6 +260,7 @@ def main() -> None:
         with harness.running_app(OUTPUT / "live-app.log") as app:
             live = {"turns": turns(app, pulse, old=False), "barge_in": barge_in(app, pulse),
                     "gaps": gaps(app, pulse, old=False), "tabs": tabs(app, pulse, 4),
+                    "slow_model": slow_model(pulse, 1.34),
                     "cpu_1_tab": cpu(app, pulse, False, args.cpu_seconds, 1),
                     "cpu_4_tabs": cpu(app, pulse, False, args.cpu_seconds, 4)}
         result["live"] = live

@@ -47,6 +47,8 @@ _OPTION_HELP = {
     "max_utterance_secs": "a turn that never pauses ends at this length",
     "threshold": "silero speech probability that starts or resumes speech",
     "off_threshold": "lower probability that keeps ongoing speech going (hysteresis)",
+    "barge_in_threshold": "the app's raised bar for speech over a reply (unused in a recording)",
+    "barge_in_secs": "how long speech over a reply must clear that bar (unused in a recording)",
 }
 
 

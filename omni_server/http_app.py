@@ -220,8 +220,8 @@ class ReplyStream(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         gone = asyncio.Event()
-        watcher = asyncio.create_task(_watch_disconnect(receive, gone))
         ticket = self._turns.join()
+        watcher = asyncio.create_task(_watch_disconnect(receive, gone, ticket.moved))
         generation: _Generation | None = None
         try:
             writer = _Writer(send, gone)
@@ -286,11 +286,13 @@ class ReplyStream(Response):
         log.warning("cutting the reply short: %s", message)
 
 
-async def _watch_disconnect(receive: Receive, gone: asyncio.Event) -> None:
+async def _watch_disconnect(receive: Receive, gone: asyncio.Event, waiting: asyncio.Event) -> None:
+    """Set `gone` when the client disconnects, and wake its wait in line (`waiting`), so it leaves at once."""
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             gone.set()
+            waiting.set()
             return
 
 

@@ -102,7 +102,8 @@ class Tab:
         """The route's part: a link for the session whose token the page sent, and the stream begins."""
         tab = cls(handlers, session)
         tab.link = handlers.open_link(session, tab.send)
-        assert tab.link.open(), "a new conversation starts listening"
+        assert tab.link is not None and session.link is tab.link, "a new conversation starts listening"
+        assert handlers.open_link(session, tab.send) is None, "one link per conversation"
         return tab
 
     @property
@@ -216,7 +217,7 @@ def test_a_whole_turn_with_the_echo_server(tmp_path: Path, question: np.ndarray,
     assert turn["turn"] == 1
     assert 0.5 + len(trim(question)) / 16_000 - 0.1 < turn["speech_end_s"] < 0.5 + len(question) / 16_000, \
         "the end of speech on the stream's clock (its first frame is time 0)"
-    assert tab.received[-1].status.startswith("Thinking"), "the turn's end sets the app thinking"
+    assert tab.received[0].status.startswith("Thinking"), "the turn's end sets the app thinking"
     heard_s = wav_seconds(tab.user_wav(1))
     assert len(question) / 16_000 < heard_s < len(question) / 16_000 + 0.8  # speech + pre-roll + tail
 
@@ -392,21 +393,23 @@ def test_the_pages_own_stop_keeps_what_was_heard_and_says_stopped(
     assert tab.texts("reply_end") == [], "the cancelled reply has no end to play"
 
 
-@pytest.mark.xfail(strict=True, reason="PRODUCTION BUG (omni_client._Exchange.abandon): a reply cancelled before "
-                                       "its first bytes keeps the server busy until the server sends something")
-def test_stopping_while_the_server_thinks_frees_it_at_once(tmp_path: Path, question: np.ndarray) -> None:
-    """Stop (or a cut-in, or a lost socket) while the model has not answered yet: the reply is cancelled and
-    `answer` returns, but omni_client only flags its worker thread, which sits in a blocking read until the
-    server's first bytes (mini-omni on a CPU: ~7 s) before it closes the connection. Until then the server
-    stays busy and every other tab's turn queues behind a reply no one will hear."""
+def test_a_queued_turn_that_is_stopped_leaves_the_line_at_once(tmp_path: Path, question: np.ndarray) -> None:
+    """Stop (or a cut-in, or a lost socket) while the turn waits behind another tab's: the client drops its
+    connection at once (it used to wait in a blocking read for the server's next bytes, up to a second in
+    line and the model's whole first step while served), so the server's line shrinks at once."""
     with serving_engine(EchoEngine(thinking_s=3.0, realtime=True)) as slow_url:
-        handlers, session = Handlers(Backend(server_url=slow_url)), new_session(tmp_path)
-        tab = Tab.opened(handlers, session)
-        tab.talk(question)
-        wait_for(lambda: fetch_health(slow_url).busy, what="the server to take the turn")
-        tab.link.close()  # the page's {"type": "stop"}
-        assert "stopped" in messages(session.conversation.history, "assistant")[-1]
-        wait_for(lambda: not fetch_health(slow_url).busy, timeout=1.5, what="the server to be freed")
+        handlers = Handlers(Backend(server_url=slow_url))
+        first = Tab.opened(handlers, new_session(tmp_path / "first"))
+        first.talk(question)
+        wait_for(lambda: fetch_health(slow_url).busy, what="the server to take the first turn")
+        second_session = new_session(tmp_path / "second")
+        second = Tab.opened(handlers, second_session)
+        second.talk(question)
+        wait_for(lambda: fetch_health(slow_url).waiting == 1, what="the second turn to queue")
+        second.link.close()  # the page's {"type": "stop"}
+        assert "stopped" in messages(second_session.conversation.history, "assistant")[-1]
+        wait_for(lambda: fetch_health(slow_url).waiting == 0, timeout=0.5, what="the stopped turn to leave the line")
+        first.link.close()
 
 
 def test_the_user_cuts_in_over_the_reply(tmp_path: Path, question: np.ndarray, echo_url: str) -> None:
@@ -562,17 +565,14 @@ def test_start_hands_the_page_a_token_then_follows_the_conversation_until_it_sto
     assert all(a != b for a, b in zip(outputs, outputs[1:])), "only changes are sent to the page"
 
 
-@pytest.mark.xfail(strict=True, reason="PRODUCTION BUG (app.Handlers.start / live_link.LiveLink.close): the "
-                                       "follower ends on STOPPED before the stopped reply is filed")
 def test_the_follower_shows_the_reply_a_lost_link_stopped(
     tmp_path: Path, question: np.ndarray, echo_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The socket is lost mid-reply (no Stop click, so no `stop` handler output to refresh the chat): the route
-    calls `link.close(notice)`. Conversation.stop moves to STOPPED (waking the follower, which yields its
-    last view and returns) and only then does LiveLink.close file the reply, so the page's chat never shows
-    that reply, its text or its figures, though the session's history has them. A race the follower
-    usually wins (filing encodes an MP3); here filing waits for the follower to end, or for 2 s, so the
-    outcome does not depend on timing."""
+    calls `link.close(notice)`, which moves the conversation to STOPPED (waking the follower) and then files
+    the reply. The follower waits for the link to be closed, so its last view has that reply, its text and
+    its figures. Filing is held back here until the follower has ended (or half its grace), so a follower that
+    did not wait would be caught whatever the timing."""
     handlers, session = Handlers(Backend(server_url=echo_url)), new_session(tmp_path)
     following = handlers.start(session)
     next(following)
@@ -581,7 +581,7 @@ def test_the_follower_shows_the_reply_a_lost_link_stopped(
     file_reply = live_link.file_reply
 
     def file_once_the_follower_is_done(*args: object) -> None:
-        follower.join(timeout=2)  # a follower that waits for the filing holds out; a racing one has ended
+        follower.join(timeout=app.STOP_GRACE_S / 2)  # one that waits for the filing holds out; a racing one ends
         file_reply(*args)
 
     monkeypatch.setattr(live_link, "file_reply", file_once_the_follower_is_done)

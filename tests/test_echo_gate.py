@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import soxr
 
-from echo_gate import ECHO_CORRELATION, echo_likeness, is_reply_echo
-from tests.speech import espeak_available, speak, trim
+from echo_gate import ECHO_CORRELATION, REFERENCE_S, echo_likeness, is_reply_echo
+from tests.speech import espeak_available, join, silence, speak, trim
 
 pytestmark = pytest.mark.skipif(not espeak_available(), reason="espeak-ng is not installed")
 
@@ -53,6 +53,11 @@ def test_the_user_talking_over_the_echo_is_not_the_echo(reply: np.ndarray, user:
     assert 0 < likeness < ECHO_CORRELATION, "a tenth of the amplitude cannot make the user's words an echo"
 
 
+def test_noise_is_not_echo(reply: np.ndarray) -> None:
+    noise = np.random.default_rng(7).normal(0, 0.05, HEARD)
+    assert echo_likeness(noise, reply) < 0.2
+
+
 def test_silence_and_too_long_a_stretch_are_not_echo(reply: np.ndarray) -> None:
     assert echo_likeness(np.zeros(HEARD), reply) == 0.0
     assert echo_likeness(np.zeros(0), reply) == 0.0
@@ -68,3 +73,12 @@ def test_the_replys_pcm_at_its_own_rate_gates_its_echo(reply: np.ndarray, user: 
     assert not is_reply_echo(user[:HEARD] + echo_of(reply), 16_000, pcm, 24_000)
     assert is_reply_echo(echo_of(reply), 16_000, pcm + b"\x00", 24_000), "a stray odd byte is ignored"
     assert not is_reply_echo(echo_of(reply), 16_000, b"", 24_000), "no reply yet: nothing to echo"
+
+
+def test_only_the_replys_recent_audio_is_searched(reply: np.ndarray, user: np.ndarray) -> None:
+    """An echo comes back within the player's buffer and the room's delay: what the reply said more than
+    REFERENCE_S ago is not searched (which keeps each check to a few milliseconds on a long reply)."""
+    long_reply = join(reply, silence(REFERENCE_S - len(user) / 16_000 + 0.5), user)
+    pcm = reply_pcm_24k(long_reply)
+    assert not is_reply_echo(echo_of(reply), 16_000, pcm, 24_000)
+    assert is_reply_echo(ECHO_GAIN * user[:HEARD], 16_000, pcm, 24_000)

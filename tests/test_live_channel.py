@@ -120,8 +120,7 @@ def test_server_messages_and_page_settings_are_plain_json() -> None:
     assert json.loads(wire.server_message("flush", turn=3)) == {"type": "flush", "turn": 3}
     assert json.loads(wire.server_message("ping")) == {"type": "ping"}
     settings = json.loads(json.dumps(wire.page_settings()))
-    assert settings == {"micSampleRate": 16_000, "micFrameSamples": 512, "replySampleRate": REPLY_SAMPLE_RATE,
-                        "refusedCode": wire.REFUSED_CODE}
+    assert settings == {"micSampleRate": 16_000, "micFrameSamples": 512, "replySampleRate": REPLY_SAMPLE_RATE}
     assert 4000 <= wire.REFUSED_CODE <= 4999, "a close code of the application's own range"
     assert 0.02 <= wire.MIC_FRAME_SAMPLES / wire.MIC_SAMPLE_RATE <= 0.04, "20-40 ms frames"
 
@@ -188,6 +187,11 @@ def greeting() -> np.ndarray:
     return speak("Good morning.")
 
 
+def client_message(kind: str, **fields: object) -> str:
+    """A text message as live.js sends it."""
+    return json.dumps({"type": kind, **fields})
+
+
 def new_session(tmp_path: Path) -> Session:
     """What `page_loaded` makes for a tab (without starting the backend's watcher)."""
     return Session(conversation=Conversation(), files=TurnFiles(tmp_path))
@@ -203,7 +207,7 @@ def socket_to(live_url: str) -> Iterator[ClientConnection]:
 def live_socket(live_url: str, token: str) -> Iterator[ClientConnection]:
     """A socket that has said hello with `token`."""
     with socket_to(live_url) as socket:
-        socket.send(wire.server_message("hello", token=token))
+        socket.send(client_message("hello", token=token))
         yield socket
 
 
@@ -268,8 +272,8 @@ def test_a_token_opens_one_socket_only(live_url: str, handlers: Handlers, tmp_pa
 
 @pytest.mark.parametrize(
     "first",
-    [wire.server_message("stop"), b"\x00\x00" * wire.MIC_FRAME_SAMPLES, "not json",
-     wire.server_message("hello")],
+    [client_message("stop"), b"\x00\x00" * wire.MIC_FRAME_SAMPLES, "not json",
+     client_message("hello")],
 )
 def test_a_first_message_that_is_not_a_hello_is_refused(
     live_url: str, handlers: Handlers, tmp_path: Path, first: str | bytes
@@ -314,12 +318,12 @@ def test_a_whole_conversation_over_the_socket(
         assert abs(len(pcm) / 2 / REPLY_SAMPLE_RATE - len(greeting) / 16_000) < 0.5, "the echo of the greeting"
         assert session.conversation.phase is Phase.SPEAKING, "until the page says it has played it"
 
-        socket.send(wire.server_message("sounding", turn=1, after_s=0.31))
-        socket.send(wire.server_message("played", turn=1, samples=len(pcm) // 2, complete=True))
+        socket.send(client_message("sounding", turn=1, after_s=0.31))
+        socket.send(client_message("played", turn=1, samples=len(pcm) // 2, complete=True))
         wait_for(lambda: session.conversation.phase is Phase.LISTENING, what="the reply to be filed")
         assert "0.31 s to first sound" in session.conversation.history[-1]["content"]
 
-        socket.send(wire.server_message("stop"))
+        socket.send(client_message("stop"))
         with pytest.raises(ConnectionClosed):
             socket.recv(timeout=WAIT_S)
     assert session.conversation.phase is Phase.STOPPED and session.conversation.notice is None, \
@@ -359,19 +363,27 @@ def test_each_socket_gets_only_its_own_tabs_audio(
     assert len(first.conversation.history) == 1 and second.conversation.history == []
 
 
-@pytest.mark.xfail(strict=True, reason="PRODUCTION BUG (live_route): a bad message mid-conversation ends it, but "
-                                       "the socket is dropped without the `error` message or a close frame")
+def test_a_frame_that_is_not_audio_stops_the_conversation_with_a_sentence(
+    live_url: str, handlers: Handlers, tmp_path: Path
+) -> None:
+    session = new_session(tmp_path)
+    with live_socket(live_url, handlers.tokens.issue(session)) as socket:
+        socket.send(b"\x00" * 3)
+        with pytest.raises(ConnectionClosed):
+            while True:  # the app ends the socket (anything before that would be a ping or the error sentence)
+                assert isinstance(socket.recv(timeout=WAIT_S), str)
+    assert session.link is not None and session.link.closed.is_set()
+    assert session.conversation.phase is Phase.STOPPED
+    assert "could not use" in session.conversation.notice and "16-bit samples" in session.conversation.notice
+
+
 def test_a_bad_message_mid_conversation_is_a_sentence_for_the_page(
     live_url: str, handlers: Handlers, tmp_path: Path
 ) -> None:
-    """live_protocol says the app sends an `error` sentence before it closes the socket. After a message it
-    cannot use, the route stops the conversation (the notice reaches the Gradio status line) and returns, and
-    uvicorn drops the connection: the page sees close code 1006 and tells the user the network or a proxy
-    lost the connection."""
+    """live_protocol says the app sends an `error` sentence before it closes the socket, so the page shows
+    what went wrong instead of blaming the network (close code 1006)."""
     session = new_session(tmp_path)
     with live_socket(live_url, handlers.tokens.issue(session)) as socket:
-        socket.send(wire.server_message("played", turn=1))
-        wait_for(lambda: session.conversation.phase is Phase.STOPPED, what="the conversation to stop")
-        assert "could not use" in (session.conversation.notice or "")
+        socket.send(client_message("played", turn=1))
         message = json.loads(socket.recv(timeout=WAIT_S))
         assert message["type"] == "error" and "could not use" in message["message"]

@@ -83,6 +83,7 @@
     socket.binaryType = "arraybuffer";
     live.socket = socket;
     live.micClock = [];
+    live.refusal = null;
     socket.onopen = () => { socket.send(JSON.stringify({type: "hello", token})); log("connected"); };
     socket.onmessage = (event) => fromApp(event.data);
     socket.onerror = () => log("socket-error");
@@ -91,8 +92,8 @@
       if (live.socket !== socket) return;
       live.socket = null;
       if (!live.stopping) {
-        say(event.code === settings.refusedCode ? (live.refusal || "The app refused this page's live link.")
-          : "The live audio connection to the app was lost (a network or proxy problem). Click Start to talk again.");
+        say(live.refusal  // the app's own sentence, when it closed the socket for a reason
+          || "The live audio connection to the app was lost (a network or proxy problem). Click Start to talk again.");
         stopPlayback();
         release();
       }
@@ -159,7 +160,7 @@
       log("played", {turn: message.turn, samples: message.samples, complete: message.complete});
       send(JSON.stringify({type: "played", turn: message.turn, samples: message.samples, complete: message.complete}));
     } else if (message.type === "stalled") {
-      log("stalled", {turn: message.turn});
+      log("stalled", {turn: message.turn, played: message.played, arrived: message.arrived, t: message.t});
     }
   }
 

@@ -2,12 +2,14 @@
 // rate (24 kHz; the browser resamples to the device). It starts JITTER_S after the first piece arrives: a
 // model streams about as fast as it plays, so without that margin every late piece would be a gap. When a
 // reply arrives slower than real time it keeps enough audio in hand for the rest of the reply at the arrival
-// rate it has seen, so it does not run dry mid-word; if it still runs dry it fades out, waits with a doubled
-// margin, and fades back in.
+// rate it has seen and a guess of the reply's length (at least 6 s, a spoken answer's usual length, or twice
+// what has come; doubled at every stall), so it does not run dry mid-word; if it still runs dry it fades out, waits, and fades back in.
 const FADE = 120; // samples (5 ms at 24 kHz): no click when stalling mid-sound
 const JITTER_S = 0.06; // first margin; the reply must start within 0.1 s of its first audio reaching the page
 const MAX_JITTER_S = 0.5;
 const MAX_LEAD_S = 3.0; // never hold more than this before (re)starting
+const BURST_S = 0.05; // pieces this close to the first one arrived with it
+const MIN_GUESS_S = 6.0; // a reply is guessed to last at least this long
 
 class OmniPlayer extends AudioWorkletProcessor {
   constructor() {
@@ -23,6 +25,8 @@ class OmniPlayer extends AudioWorkletProcessor {
     this.waitingSince = 0; // currentTime when it began holding
     this.jitter = JITTER_S;
     this.firstArrival = null; // currentTime of this turn's first piece
+    this.firstBurst = 0; // samples that came with it (one model step arrives as several socket frames)
+    this.guess = 0; // seconds the reply is guessed to last, raised at each stall
     this.arrived = 0; // samples of this turn received
     this.port.onmessage = (event) => this.receive(event.data);
   }
@@ -31,6 +35,7 @@ class OmniPlayer extends AudioWorkletProcessor {
     if (message.type === "pcm") {
       if (this.flushed.has(message.turn)) return;
       if (message.turn !== this.turn) this.beginTurn(message.turn);
+      if (currentTime - this.firstArrival < BURST_S) this.firstBurst += message.samples.length;
       this.pieces.push({turn: message.turn, samples: message.samples});
       this.buffered += message.samples.length;
       this.arrived += message.samples.length;
@@ -50,6 +55,8 @@ class OmniPlayer extends AudioWorkletProcessor {
     this.turn = turn;
     this.played = 0;
     this.arrived = 0;
+    this.firstBurst = 0;
+    this.guess = 0;
     this.firstArrival = currentTime;
     this.jitter = JITTER_S;
     this.waiting = true;
@@ -72,15 +79,17 @@ class OmniPlayer extends AudioWorkletProcessor {
   }
 
   // Whether to (re)start: all of the reply is here, or the margin has passed and the buffer holds enough that
-  // the rest (guessed as long as what has come so far, at least 2 s) plays out at the arrival rate seen.
+  // the rest of the reply's guessed length plays out at the arrival rate seen.
   ready() {
     if (this.buffered === 0) return false;
     if (this.ended.has(this.turn)) return true;
     if (currentTime - this.waitingSince < this.jitter) return false;
+    // Seconds of audio per second since the first burst (which came at once, so it does not count).
     const elapsed = currentTime - this.firstArrival;
-    const rate = elapsed > 0.25 ? this.arrived / sampleRate / elapsed : 1; // seconds of audio per second
+    const rate = elapsed > 0.25 ? (this.arrived - this.firstBurst) / sampleRate / elapsed : 1;
     if (rate >= 1) return true;
-    const rest = Math.max(2, this.arrived / sampleRate);
+    const total = Math.max(MIN_GUESS_S, this.guess, (2 * this.arrived) / sampleRate);
+    const rest = Math.max(0, total - this.played / sampleRate);
     return this.buffered >= Math.min(MAX_LEAD_S, (1 - rate) * rest) * sampleRate;
   }
 
@@ -113,11 +122,12 @@ class OmniPlayer extends AudioWorkletProcessor {
     if (this.buffered === 0) {
       if (this.ended.has(this.turn)) {
         this.finish(true);
-      } else { // ran dry (faded out above): wait for more, with a wider margin
+      } else { // ran dry (faded out above): wait for more, guessing a longer reply and a wider margin
         this.waiting = true;
         this.waitingSince = currentTime;
+        this.guess = 2 * Math.max(this.guess, this.arrived / sampleRate);
         this.jitter = Math.min(MAX_JITTER_S, 2 * this.jitter);
-        this.port.postMessage({type: "stalled", turn: this.turn});
+        this.port.postMessage({type: "stalled", turn: this.turn, played: this.played / sampleRate, arrived: this.arrived / sampleRate, t: currentTime - this.firstArrival});
       }
     }
     return true;
