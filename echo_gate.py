@@ -50,7 +50,7 @@ def is_echo(heard: np.ndarray, reference: np.ndarray, threshold: float = ECHO_CO
     return echo_likeness(heard, reference) >= threshold
 
 
-def is_reply_echo(heard: np.ndarray, heard_rate: int, reply_pcm: bytes, reply_rate: int) -> bool:
+def is_reply_echo(heard: np.ndarray, heard_rate: int, reply_pcm: bytes | bytearray, reply_rate: int) -> bool:
     """`is_echo` against the last REFERENCE_S of a reply given as s16le PCM at its own rate."""
     usable = len(reply_pcm) - len(reply_pcm) % 2
     recent = np.frombuffer(reply_pcm[max(0, usable - 2 * round(REFERENCE_S * reply_rate)) : usable], dtype="<i2")

@@ -62,10 +62,10 @@ _ALLOWED_MOVES: dict[Phase, frozenset[Phase]] = {
     Phase.STOPPED: frozenset({Phase.LISTENING, Phase.STOPPED}),
 }
 
-EchoCheck = Callable[[np.ndarray, bytes], bool]  # (speech heard at 16 kHz, reply PCM at 24 kHz) -> is it echo
+EchoCheck = Callable[[np.ndarray, bytearray], bool]  # (speech heard at 16 kHz, reply PCM at 24 kHz) -> is it echo
 
 
-def reply_echo(heard: np.ndarray, reply_pcm: bytes) -> bool:
+def reply_echo(heard: np.ndarray, reply_pcm: bytearray) -> bool:
     return is_reply_echo(heard, VAD_SAMPLE_RATE, reply_pcm, REPLY_SAMPLE_RATE)
 
 
@@ -208,9 +208,9 @@ class Conversation:
         """Speech started while the app answers: the user cutting in, or the reply's echo (dropped)."""
         assert self._detector is not None
         reply = self.reply
-        echo = reply is not None and reply.pcm and self._echo_check(self._detector.speech_so_far(), bytes(reply.pcm))
+        echo = reply is not None and reply.pcm and self._echo_check(self._detector.speech_so_far(), reply.pcm)
         if not self.barge_in or echo or reply is None:
-            self._detector.next_turn(over_reply=True)
+            self._next_turn(over_reply=True)
             return None
         reply.cancel.set()
         reply.interrupted = True

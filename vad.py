@@ -305,7 +305,6 @@ class _TurnTracker:
 
     def __init__(self, options: VadOptions, over_reply: bool = False) -> None:
         self._options = options
-        self.over_reply = over_reply
         self._start_on = options.barge_in_threshold if over_reply else options.threshold
         self._start_keep = options.barge_in_threshold if over_reply else options.off_threshold
         self._start_windows = _windows(options.barge_in_secs if over_reply else options.start_secs)
@@ -414,10 +413,6 @@ class PauseDetector:
     def speech_started(self) -> bool:
         """The current turn has started (speech held for start_secs, or barge_in_secs over a reply)."""
         return self._tracker.state in (DetectorState.SPEAKING, DetectorState.PAUSING)
-
-    @property
-    def over_reply(self) -> bool:
-        return self._tracker.over_reply
 
     @property
     def heard_s(self) -> float:

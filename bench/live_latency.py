@@ -13,8 +13,11 @@ really ends in the file, not where a detector thought it did.
 
 Figures (seconds unless named otherwise):
 - speech_end_to_sound: per turn, end of the question in the file -> first reply sound at the output; median
-  and worst. The live path also gives app_share: first sound - the turn-end decision (the page's receipt of
-  the `turn` message) - the model server's request-to-first-audio, i.e. what the app and browser add.
+  and worst. The echo engine's reply opens with the silence the detector kept before the first syllable
+  (reply_silent_lead, read from the user's WAV the app filed), so speech_end_to_reply_start is that sound less
+  the lead: when the reply's audio began to play. The live path also gives app_share: the reply's start - the
+  turn-end decision (the page's receipt of the `turn` message) - the model server's request-to-first-audio,
+  i.e. what the app and browser add.
 - barge_in (live only): user starts talking over a reply -> its sound stops; whether a -20 dB echo of the
   reply, placed in the microphone before that, interrupted it (it must not); whether the interrupting
   question was answered.
@@ -22,7 +25,8 @@ Figures (seconds unless named otherwise):
   reply is never silent while it plays); slow_model: the same against an echo engine paced 1.34x slower than
   real time (mini-omni in fp32 on this 2-core CPU), with the player's stalls.
 - tabs: 4 browsers talking at once, each with a question of its own length; each must hear its own reply.
-- cpu: app CPU per listening tab (percent of one core), beside an idle page, over --cpu-seconds.
+- cpu: app CPU per listening tab (percent of one core), beside an idle page, over --cpu-seconds; and the
+  microphone path alone in this process (cpu_hear_in_process), which a busy machine cannot blur.
 
 Prints one JSON object on the last line. Example: python bench/live_latency.py --old-commit 60e4f21
 """
@@ -78,6 +82,22 @@ class Script:
         return write_wav(path, join(*self.parts, silence(40.0)))
 
 
+def silent_leads(since: float) -> dict[int, float]:
+    """Seconds of silence (below -50 dBFS) at the start of each user turn's WAV the app filed after `since`
+    (wall clock). The echo engine's reply is that audio, so the same silence opens the reply: the player has
+    started that long before anything can be heard (the detector's pre-roll before the first syllable)."""
+    import wave
+
+    leads = {}
+    for path in (Path(tempfile.gettempdir()) / "omni-voice-chat").glob("*/turn-*-user.wav"):
+        if path.stat().st_mtime >= since:
+            with wave.open(str(path)) as reader:
+                samples = np.frombuffer(reader.readframes(reader.getnframes()), dtype="<i2")
+            audible = np.nonzero(np.abs(samples) > 32768 * 10 ** (-50 / 20))[0]
+            leads[int(path.name.split("-")[1])] = audible[0] / RATE if len(audible) else 0.0
+    return leads
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / 100.0  # utime + stime, in clock ticks of 1/100 s
@@ -102,6 +122,7 @@ def turns(app: harness.RunningApp, pulse: PulseAudio, old: bool) -> dict:
         script.add(trim(speak(text)), f"q{number}").add(silence(9.0))
     wav = script.write(OUTPUT / "questions.wav")
     with _page(app, wav, pulse) as page, recording(pulse) as capture:
+        started = time.time()
         _mic_on(page, old)
         room = harness.mic_opened_at(page)
         time.sleep(max(0.0, script.length_s - (time.time() - room)))
@@ -117,11 +138,23 @@ def turns(app: harness.RunningApp, pulse: PulseAudio, old: bool) -> dict:
                 browser = next(e["sounding"] for e in harness.live_events(page, "sounding") if e["turn"] == number)
                 row |= {"decision_after_speech_end_s": decided - (room + end), "engine_first_audio_s": engine,
                         "app_share_s": sound - decided - engine, "browser_estimate_error_s": browser - sound}
-            rows.append({key: None if value is None else round(value, 3) for key, value in row.items()})
+            rows.append(row)
+        leads = silent_leads(started)
+    for number, row in enumerate(rows, start=1):
+        row["reply_silent_lead_s"] = leads.get(number)
+        if row["speech_end_to_sound_s"] is not None and number in leads:
+            row["speech_end_to_reply_start_s"] = row["speech_end_to_sound_s"] - leads[number]
+            if "app_share_s" in row:
+                row["app_share_s"] -= leads[number]
+                row["browser_estimate_error_s"] += leads[number]
+    rows = [{key: None if value is None else round(value, 3) for key, value in row.items()} for row in rows]
     heard = [row["speech_end_to_sound_s"] for row in rows if row["speech_end_to_sound_s"] is not None]
+    starts = [row["speech_end_to_reply_start_s"] for row in rows if row.get("speech_end_to_reply_start_s") is not None]
     summary = {"turns": rows, "heard": f"{len(heard)} of {len(rows)}",
                "median_s": round(statistics.median(heard), 3) if heard else None,
-               "worst_s": max(heard) if heard else None}
+               "worst_s": max(heard) if heard else None,
+               "reply_start_median_s": round(statistics.median(starts), 3) if starts else None,
+               "reply_start_worst_s": max(starts) if starts else None}
     if not old:
         summary["app_share_median_s"] = round(statistics.median(row["app_share_s"] for row in rows), 3)
     return summary
@@ -236,6 +269,25 @@ def cpu(app: harness.RunningApp, pulse: PulseAudio, old: bool, seconds: float, l
             "per_listening_tab_percent": round(100 * (busy - idle) / listening_tabs, 2)}
 
 
+def hear_cpu(audio_s: float) -> dict:
+    """The app's CPU for one listening tab's microphone, without a browser or socket: 32 ms frames of room
+    noise through LiveLink.hear (detector, state), timed with the process clock."""
+    from app import Handlers, Session
+    from audio_files import TurnFiles
+    from backend import Backend
+    import live_protocol as wire
+
+    session = Session(files=TurnFiles(Path(tempfile.mkdtemp())))
+    link = Handlers(Backend(server_url="http://127.0.0.1:9")).open_link(session, lambda message: None)
+    noise = np.random.default_rng(2).normal(0, 300, round(audio_s * wire.MIC_SAMPLE_RATE)).astype("<i2")
+    frames = [noise[i : i + wire.MIC_FRAME_SAMPLES].tobytes() for i in range(0, len(noise), wire.MIC_FRAME_SAMPLES)]
+    link.hear(frames[0])  # the model's first call loads it
+    started = time.process_time()
+    for frame in frames[1:]:
+        link.hear(frame)
+    return {"percent_of_one_core": round(100 * (time.process_time() - started) / audio_s, 2)}
+
+
 @contextmanager
 def old_checkout(commit: str) -> Iterator[Path]:
     folder = Path(tempfile.mkdtemp(prefix="omni-old-"))
@@ -261,6 +313,7 @@ def main() -> None:
             live = {"turns": turns(app, pulse, old=False), "barge_in": barge_in(app, pulse),
                     "gaps": gaps(app, pulse, old=False), "tabs": tabs(app, pulse, 4),
                     "slow_model": slow_model(pulse, 1.34),
+                    "cpu_hear_in_process": hear_cpu(30.0),
                     "cpu_1_tab": cpu(app, pulse, False, args.cpu_seconds, 1),
                     "cpu_4_tabs": cpu(app, pulse, False, args.cpu_seconds, 4)}
         result["live"] = live
