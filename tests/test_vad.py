@@ -359,3 +359,22 @@ def test_options_are_validated() -> None:
     ):
         with pytest.raises(ValueError):
             VadOptions(**bad)
+
+
+def test_over_a_reply_speech_must_clear_the_raised_bar_and_the_stream_runs_on(question: np.ndarray) -> None:
+    """next_turn keeps one clock across turns; over a reply a turn starts later (0.8 in every window for
+    0.3 s rather than 0.5 then 0.35 for 0.25 s), and it still keeps its first syllable."""
+    audio = join(silence(1.0), trim(question), silence(1.0))
+    started_at = {}
+    for over_reply in (False, True):
+        detector = PauseDetector()
+        detector.feed(RATE, silence(2.0))
+        detector.next_turn(over_reply=over_reply)
+        for start in range(0, len(audio), 512):
+            detector.feed(RATE, audio[start : start + 512])
+            if detector.speech_started:
+                started_at[over_reply] = detector.heard_s
+                break
+        assert detector.speech_so_far().size > 0
+        assert detector.heard_s > 3.0, "the clock counts the audio before next_turn"
+    assert started_at[True] - started_at[False] >= 0.06, started_at
