@@ -52,9 +52,8 @@ def float_to_pcm16(samples: np.ndarray) -> bytes:
 
 
 def wav_bytes(pcm: bytes, sample_rate: int) -> bytes:
-    """A complete in-memory WAV of s16le mono PCM: the cheapest chunk Gradio's stream encoder reads (stdlib,
-    no subprocess, no cache file), so a reply piece reaches the player as it is. Also the app's one WAV writer
-    (user turns, the utterance sent to the server)."""
+    """A complete in-memory WAV of s16le mono PCM (stdlib, no subprocess): the app's one WAV writer (user
+    turns, the utterance sent to the server)."""
     size = len(pcm) - len(pcm) % 2
     header = struct.pack(
         "<4sI4s4sIHHIIHH4sI",

@@ -20,6 +20,9 @@ from state import Conversation, CutIn, HeardTurn, Phase, Reply
 log = logging.getLogger(__name__)
 
 Send = Callable[[str | bytes], None]  # queue one message for the page; never blocks
+# After a reply's last audio the page says when it has played it. If it never does (its audio device went
+# away, say), the reply counts as played this long after it would have ended, so the turn cannot hang.
+PLAYED_GRACE_S = 5.0
 
 
 class LiveSession(Protocol):
@@ -47,16 +50,22 @@ class LiveLink:
 
     def hear(self, frame: bytes) -> None:
         """One microphone frame. Raises live_protocol.ProtocolError for a frame that is not audio."""
-        event = self.conversation.hear(wire.MIC_SAMPLE_RATE, wire.mic_samples(frame))
+        samples = wire.mic_samples(frame)
+        if self.closed.is_set():
+            return
+        event = self.conversation.hear(wire.MIC_SAMPLE_RATE, samples)
         if isinstance(event, HeardTurn):
             self._answer(event)
         elif isinstance(event, CutIn):
             self._send(wire.server_message("flush", turn=event.reply.turn.number))
 
     def sounding(self, turn: int, after_s: float) -> None:
-        self.conversation.sounding(turn, after_s)
+        if not self.closed.is_set():
+            self.conversation.sounding(turn, after_s)
 
     def played(self, turn: int, samples: int, complete: bool) -> None:
+        if self.closed.is_set():
+            return
         reply = self.conversation.playback_over(turn, samples, complete)
         if reply is not None:
             file_reply(self.conversation, reply, self._session.files)
@@ -90,10 +99,17 @@ class LiveLink:
                                    "answering anyway.")
         answer(self.conversation, reply, self._server, self._session.files,
                play=lambda pcm: self._send(wire.reply_frame(turn, pcm)), settings=self._settings)
-        if not reply.cancel.is_set():
-            engine_s = reply.engine_first_audio_s
-            self._send(wire.server_message("reply_end", turn=turn,
-                                           engine_first_audio_s=None if engine_s is None else round(engine_s, 4)))
+        if reply.cancel.is_set():
+            return
+        engine_s = reply.engine_first_audio_s
+        self._send(wire.server_message("reply_end", turn=turn,
+                                       engine_first_audio_s=None if engine_s is None else round(engine_s, 4)))
+        if reply.pcm:
+            samples = len(reply.pcm) // 2
+            deadline = threading.Timer(samples / wire.REPLY_SAMPLE_RATE + PLAYED_GRACE_S, self.played,
+                                       (turn, samples, True))
+            deadline.daemon = True
+            deadline.start()
 
 
 def status_line(conversation: Conversation, server: str) -> str:

@@ -117,7 +117,7 @@ async def _close(socket: WebSocket, problem: str | None, code: int = wire.UNUSAB
 async def _receive_all(socket: WebSocket, link: LiveLink) -> str | None:
     """Feed the page's messages to the link until the socket closes or the user stops. Returns a sentence
     for the user when the page sent something unusable."""
-    while True:
+    while not link.closed.is_set():  # closed by Stop from the page or from the Gradio handler
         message = await socket.receive()
         if message["type"] == "websocket.disconnect":
             return None
@@ -136,6 +136,7 @@ async def _receive_all(socket: WebSocket, link: LiveLink) -> str | None:
             await asyncio.to_thread(link.sounding, parsed.turn, parsed.after_s)
         elif isinstance(parsed, wire.Played):
             await asyncio.to_thread(link.played, parsed.turn, parsed.samples, parsed.complete)
+    return None
 
 
 async def _send_all(socket: WebSocket, outbox: asyncio.Queue[str | bytes]) -> None:

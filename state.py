@@ -51,6 +51,7 @@ class Phase(enum.Enum):
 
 _ANSWERING = frozenset({Phase.THINKING, Phase.QUEUED, Phase.SPEAKING})
 _TURN_PHASES = frozenset({Phase.LISTENING, Phase.INTERRUPTED})
+_HEARING = _ANSWERING | _TURN_PHASES
 
 _ALLOWED_MOVES: dict[Phase, frozenset[Phase]] = {
     Phase.IDLE: frozenset({Phase.LISTENING, Phase.STOPPED}),
@@ -91,6 +92,7 @@ class Reply:
     requested_at: float | None = None  # the request went to the model server (monotonic clock)
     first_audio_at: float | None = None  # the first reply bytes reached the app (monotonic clock)
     sounding_after_s: float | None = None  # the browser's figure: end of speech -> reply audible
+    sounding_at: float | None = None  # when the browser said it became audible (monotonic clock)
     streamed: bool = False  # the server's stream is over
     failure: str | None = None  # why the stream ended early, in words
     interrupted: bool = False  # the user cut in
@@ -112,6 +114,15 @@ class Reply:
         if self.first_audio_at is None or self.requested_at is None:
             return None
         return self.first_audio_at - self.requested_at
+
+    def played_so_far(self, margin_s: float = 1.0) -> bytearray:
+        """The reply's audio up to where the browser's player should be now (plus a margin for its clock): what
+        may be echoing in the room. A server faster than real time is far ahead of the player, so the audio
+        received is not the audio heard. Before the browser says it is sounding, nothing can echo."""
+        if self.sounding_at is None:
+            return bytearray()
+        played_s = time.monotonic() - self.sounding_at + margin_s
+        return self.pcm[: 2 * round(played_s * REPLY_SAMPLE_RATE)]
 
     @property
     def heard_pcm(self) -> bytes:
@@ -155,10 +166,7 @@ class Conversation:
         with self._lock:
             if not self._move(Phase.LISTENING):
                 return False
-            if self._detector is None:
-                self._detector = PauseDetector(self._options)
-            self._detector.reset()
-            self._detector.next_turn(options=self._options)
+            self._detector = PauseDetector(self._options)
             self.notice = None
             return True
 
@@ -188,12 +196,12 @@ class Conversation:
         Raises vad.AudioInputError for input that is not audio."""
         with self._lock:
             detector = self._detector
-            if detector is None or self.phase not in _TURN_PHASES | _ANSWERING:
+            if detector is None or self.phase not in _HEARING:
                 return None
             arrived_at = time.monotonic() if now is None else now
             utterance = detector.feed(sample_rate, samples)
-            if self.phase in _ANSWERING:
-                return self._cut_in() if detector.speech_started or utterance is not None else None
+            if self.phase in _ANSWERING:  # a frame is shorter than any turn: speech can only have started
+                return self._cut_in() if detector.speech_started else None
             if utterance is None:
                 return None
             self._turns += 1
@@ -208,7 +216,7 @@ class Conversation:
         """Speech started while the app answers: the user cutting in, or the reply's echo (dropped)."""
         assert self._detector is not None
         reply = self.reply
-        echo = reply is not None and reply.pcm and self._echo_check(self._detector.speech_so_far(), reply.pcm)
+        echo = reply is not None and self._echo_check(self._detector.speech_so_far(), reply.played_so_far())
         if not self.barge_in or echo or reply is None:
             self._next_turn(over_reply=True)
             return None
@@ -233,6 +241,7 @@ class Conversation:
                 return None
             self.reply = Reply(self.heard)
             self.heard = None
+            self.notice = None  # the last failure is old news once a new turn is on its way
             return self.reply
 
     def queued(self, reply: Reply, ahead: int) -> None:
@@ -274,7 +283,8 @@ class Conversation:
             if self.reply is not reply:
                 return None
             reply.streamed, reply.failure = True, failure
-            self.notice = failure
+            if failure is not None:
+                self.notice = failure
             if reply.pcm:
                 self._touch()
                 return None
@@ -288,6 +298,7 @@ class Conversation:
             for reply in (self.reply, self._cut_off.get(turn)):
                 if reply is not None and reply.turn.number == turn and reply.sounding_after_s is None:
                     reply.sounding_after_s = after_speech_end_s
+                    reply.sounding_at = time.monotonic()
 
     def playback_over(self, turn: int, played_samples: int, complete: bool) -> Reply | None:
         """The browser stopped playing the reply to `turn`: at its end (`complete`), because the user cut in,
@@ -295,6 +306,8 @@ class Conversation:
         filing, once; the player catching up with a reply that still streams is not its end."""
         with self._lock:
             reply = self._cut_off.pop(turn, None)
+            if reply is not None and complete:  # it had played to its end before the cut-in reached the page
+                reply.interrupted = False
             if reply is None:
                 reply = self.reply
                 if reply is None or reply.turn.number != turn or (complete and not reply.streamed):
@@ -326,12 +339,6 @@ class Conversation:
         with self._changed:
             self._changed.wait_for(lambda: self.version != seen_version, timeout=timeout_s)
             return self.version
-
-    @property
-    def stream_s(self) -> float:
-        """Seconds of microphone audio heard in this conversation (the stream's clock)."""
-        with self._lock:
-            return self._detector.heard_s if self._detector is not None else 0.0
 
     def _listen_again(self) -> None:
         if self._move(Phase.LISTENING):

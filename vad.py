@@ -1,7 +1,7 @@
 """Streaming pause detection: decide when the user has finished a spoken turn.
 
-One `PauseDetector` per session is fed the browser's microphone chunks exactly as Gradio delivers them,
-`(sample_rate, ndarray)`. Each chunk is mixed to mono, resampled to 16 kHz by soxr (a streaming resampler, so
+One `PauseDetector` per session is fed the browser's microphone chunks as they come, `(sample_rate, ndarray)`
+(the live page sends 32 ms frames at 16 kHz; any rate and length work). Each chunk is mixed to mono, resampled to 16 kHz by soxr (a streaming resampler, so
 chunk boundaries are seamless), and cut into 512-sample windows that the silero-vad model scores once each,
 with its recurrent state carried across chunks. A small state machine with hysteresis turns the window scores
 into a turn: speech starts after `start_secs` of speech, and the turn ends after `pause_secs` of silence that
@@ -106,7 +106,7 @@ class DetectorState(enum.Enum):
     WAITING = "waiting"  # no speech yet this turn (silence here never ends a turn)
     SPEAKING = "speaking"  # the user is talking
     PAUSING = "pausing"  # silence after speech; the turn ends if it lasts pause_secs
-    ENDED = "ended"  # an utterance was handed on; further audio is ignored until reset()
+    ENDED = "ended"  # an utterance was handed on; further audio is ignored until next_turn() or reset()
 
 
 @dataclass(frozen=True)
@@ -204,7 +204,7 @@ class SpeechScorer:
 
 
 def to_mono_float(samples: np.ndarray) -> np.ndarray:
-    """Gradio's chunk samples (int or float, mono or channels-last) as float32 mono in [-1, 1].
+    """A chunk's samples (int or float, mono or channels-last) as float32 mono in [-1, 1].
 
     NaN becomes 0 and infinities or overshoot are clipped, so a glitching microphone costs a click, not a crash.
     """
@@ -424,7 +424,7 @@ class PauseDetector:
         return self._buffer.get(self._tracker.speech_start * WINDOW_SAMPLES, self._buffer.end)
 
     def feed(self, sample_rate: int, samples: np.ndarray) -> Utterance | None:
-        """Take one chunk as Gradio's streaming microphone sends it; return the Utterance when the turn ends.
+        """Take one chunk of the microphone stream; return the Utterance when the turn ends.
 
         Raises AudioInputError for a rate outside 8-96 kHz or samples that are not audio (NaN and infinities
         are cleaned, not refused).
@@ -497,7 +497,8 @@ class RecordedTurn:
 def turns_in_recording(
     sample_rate: int, samples: np.ndarray, chunk_secs: float, detector: PauseDetector
 ) -> list[RecordedTurn]:
-    """Feed a whole recording in chunks of `chunk_secs`, resetting after each turn as the app does.
+    """Feed a whole recording in chunks of `chunk_secs`, resetting after each turn (the app's live stream
+    goes on with `next_turn` instead: its turns can differ by where the detector's clock and model state start).
 
     For tests, benchmarks and tuning the options on one's own recordings.
     """

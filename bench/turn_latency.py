@@ -1,8 +1,7 @@
 """Where pause detection would end each turn in a recording: tune vad.py's options on your own audio.
 
-Feeds a WAV file to vad.PauseDetector in browser-sized chunks at the file's own rate and channels (as Gradio's
-streaming microphone delivers them), restarting the detector after each turn as the app does, and reports
-every turn found:
+Feeds a WAV file to vad.PauseDetector in chunks of --chunk-secs at the file's own rate and channels (the live
+page sends 0.032 s), restarting the detector after each turn, and reports every turn found:
 
   speech_start_s  where the handed-on utterance starts (pre-roll included), seconds into the file
   speech_end_s    where the detector judged speech ended (the utterance adds tail_secs after it)

@@ -371,7 +371,7 @@ def test_stop_cancels_the_reply_in_flight_and_keeps_the_history(
     assert tab.texts("reply_end") == [], "the cancelled reply has no end to play"
     tab.link.played(1, 10**6, complete=True)
     assert session.conversation.history == chat and session.conversation.phase is Phase.STOPPED, \
-        "a late playback report files nothing twice and re-arms nothing"
+        "a late playback report files nothing twice and starts nothing again"
 
 
 def test_the_pages_own_stop_keeps_what_was_heard_and_says_stopped(

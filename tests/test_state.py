@@ -35,10 +35,14 @@ def as_reply_pcm(audio_16k: np.ndarray) -> bytes:
     return (np.clip(soxr.resample(audio_16k, 16_000, 24_000), -1, 1) * 32767).astype("<i2").tobytes()
 
 
+FED: dict[int, int] = {}  # samples fed to each conversation (by id): the microphone stream's clock
+
+
 def feed(conversation: Conversation, audio: np.ndarray, until: type | None = None):
     """Feed `audio` frame by frame; return the first event of type `until` (or None when all was fed)."""
     for start in range(0, len(audio), FRAME):
         event = conversation.hear(16_000, audio[start : start + FRAME])
+        FED[id(conversation)] = FED.get(id(conversation), 0) + len(audio[start : start + FRAME])
         if event is not None and (until is None or isinstance(event, until)):
             return event
         assert event is None or until is not None, f"unexpected {event}"
@@ -46,10 +50,13 @@ def feed(conversation: Conversation, audio: np.ndarray, until: type | None = Non
 
 
 def answered(conversation: Conversation, question: np.ndarray):
-    """A conversation that has heard `question` and is playing its echo as the reply (SPEAKING)."""
+    """A conversation that has heard `question` and is playing its echo as the reply (SPEAKING), as the
+    browser says it has been for a second."""
     heard = feed(conversation, join(silence(0.4), question, silence(1.2)), HeardTurn)
     reply = conversation.start_reply()
     assert conversation.reply_audio(reply, as_reply_pcm(heard.utterance.audio))
+    conversation.sounding(heard.number, 1.2)
+    reply.sounding_at -= 1.0
     return heard, reply
 
 
@@ -99,7 +106,7 @@ def test_the_user_cuts_in_from_their_first_syllable(question: np.ndarray, other_
     assert conversation.phase is Phase.SPEAKING
     words = trim(other_question)
     echo_under = np.pad(0.1 * question, (0, len(words)))[: len(words)]
-    speech_start = conversation.stream_s + 0.5
+    speech_start = FED[id(conversation)] / 16_000 + 0.5
     cut_in = feed(conversation, join(silence(0.5), words + echo_under, silence(1.2)), CutIn)
     assert cut_in.reply is reply and reply.cancel.is_set() and reply.interrupted
     assert conversation.phase is Phase.INTERRUPTED

@@ -1,13 +1,12 @@
 // Microphone capture for omni-voice-chat: runs in an AudioContext at the channel's rate (16 kHz; the browser
-// resamples the microphone into it) and posts fixed-size frames of 16-bit PCM with their running end sample,
-// plus the frame's RMS level for the page's meter.
+// resamples the microphone into it) and posts fixed-size frames of 16-bit PCM, with the frame's RMS level for
+// the page's meter.
 class OmniCapture extends AudioWorkletProcessor {
   constructor(options) {
     super();
     this.frameSamples = options.processorOptions.frameSamples;
     this.frame = new Int16Array(this.frameSamples);
     this.filled = 0;
-    this.sent = 0;
     this.energy = 0;
   }
 
@@ -19,9 +18,8 @@ class OmniCapture extends AudioWorkletProcessor {
       this.energy += sample * sample;
       this.frame[this.filled++] = sample < 0 ? sample * 32768 : sample * 32767;
       if (this.filled === this.frameSamples) {
-        this.sent += this.frameSamples;
         const level = Math.sqrt(this.energy / this.frameSamples);
-        this.port.postMessage({pcm: this.frame.buffer, end: this.sent, level}, [this.frame.buffer]);
+        this.port.postMessage({pcm: this.frame.buffer, level}, [this.frame.buffer]);
         this.frame = new Int16Array(this.frameSamples);
         this.filled = 0;
         this.energy = 0;

@@ -44,9 +44,16 @@
     throw new Error("the browser refused every microphone setting");
   }
 
-  async function prepare() {
+  // Re-entrant: a second click while the first is still opening the microphone gets the same promise.
+  function prepare() {
+    live.preparing ??= openAudio().finally(() => { live.preparing = null; });
+    return live.preparing;
+  }
+
+  async function openAudio() {
     say("");
     live.stopping = false;
+    release();
     try {
       if (!live.playback) {
         live.playback = new AudioContext({sampleRate: settings.replySampleRate, latencyHint: "interactive"});
@@ -57,6 +64,7 @@
       }
       await live.playback.resume(); // inside the user's click: the autoplay policy allows it now
       live.stream = await openMicrophone();
+      if (live.stopping) return release(); // Stop was clicked while the browser asked for the microphone
       const track = live.stream.getAudioTracks()[0];
       live.micSettings = track.getSettings();
       live.capture = new AudioContext({sampleRate: settings.micSampleRate, latencyHint: "interactive"});
@@ -67,6 +75,7 @@
       node.port.onmessage = (event) => fromMicrophone(event.data);
       live.capture.createMediaStreamSource(live.stream).connect(node);
       await live.capture.resume();
+      if (live.stopping) return release();
       log("prepared", {echoCancellation: live.micSettings.echoCancellation});
     } catch (error) {
       say(`The microphone could not be opened: ${error.message || error}. Allow it for this page and click Start again.`);
@@ -75,14 +84,19 @@
     }
   }
 
-  function connect(token) {
-    if (!token || !live.stream) return;
+  // The token can come before the microphone is open (the browser may still be asking the user).
+  async function connect(token) {
+    if (!token) return;
+    await live.preparing;
+    if (!live.stream || live.stopping) return;
+    live.socket?.close(1000);
     const url = new URL("live", base);
     url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
     const socket = new WebSocket(url);
     socket.binaryType = "arraybuffer";
     live.socket = socket;
     live.micClock = [];
+    live.sent = 0; // samples sent: the app's clock for this conversation
     live.refusal = null;
     socket.onopen = () => { socket.send(JSON.stringify({type: "hello", token})); log("connected"); };
     socket.onmessage = (event) => fromApp(event.data);
@@ -100,11 +114,13 @@
     };
   }
 
-  function fromMicrophone({pcm, end, level}) {
-    const now = wallMs(performance.now());
-    live.micClock.push([end, now]);
-    if (live.micClock.length > 1000) live.micClock.splice(0, 500); // ~16 s back is plenty
-    send(pcm);
+  function fromMicrophone({pcm, level}) {
+    if (live.socket && live.socket.readyState === WebSocket.OPEN) {
+      live.socket.send(pcm);
+      live.sent += pcm.byteLength / 2;
+      live.micClock.push([live.sent, wallMs(performance.now())]);
+      if (live.micClock.length > 1000) live.micClock.splice(0, 500); // ~16 s back is plenty
+    }
     const db = 20 * Math.log10(level + 1e-9);
     meter.style.width = `${Math.max(0, Math.min(100, (db + 60) * (100 / 60)))}%`;
   }
@@ -136,6 +152,7 @@
       live.turns.set(message.turn, {speechEndMs});
       log("turn-end", {turn: message.turn, speechEnd: speechEndMs / 1000, utterance: message.utterance_s});
     } else if (message.type === "reply_end") {
+      if (live.flushed.has(message.turn)) return;
       live.player.port.postMessage({type: "end", turn: message.turn});
       log("reply-end", {turn: message.turn, engineFirstAudio: message.engine_first_audio_s});
     } else if (message.type === "flush") {
@@ -186,7 +203,7 @@
     stopPlayback(); // silent at once; the player reports what was heard, sent before "stop" below
     const socket = live.socket;
     setTimeout(() => {
-      send(JSON.stringify({type: "stop"}));
+      if (socket?.readyState === WebSocket.OPEN) socket.send(JSON.stringify({type: "stop"}));
       socket?.close(1000);
       if (live.socket === socket) live.socket = null;
     }, 50);

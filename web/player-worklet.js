@@ -40,6 +40,7 @@ class OmniPlayer extends AudioWorkletProcessor {
       this.buffered += message.samples.length;
       this.arrived += message.samples.length;
     } else if (message.type === "end") {
+      if (this.flushed.has(message.turn)) return;
       this.ended.add(message.turn);
       if (message.turn === this.turn && this.buffered === 0) this.finish(true);
     } else if (message.type === "flush") {
