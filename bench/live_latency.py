@@ -305,12 +305,16 @@ def main() -> None:
     parser.add_argument("--old-commit", default="60e4f21", help="the Gradio-microphone path to compare with")
     parser.add_argument("--cpu-seconds", type=float, default=15.0)
     parser.add_argument("--skip-old", action="store_true", help="measure the live path only")
+    parser.add_argument("--barge-in-runs", type=int, default=3)
     args = parser.parse_args()
     OUTPUT.mkdir(parents=True, exist_ok=True)
     result: dict = {}
     with private_pulse() as pulse:
         with harness.running_app(OUTPUT / "live-app.log") as app:
-            live = {"turns": turns(app, pulse, old=False), "barge_in": barge_in(app, pulse),
+            cut_ins = [barge_in(app, pulse) for _ in range(args.barge_in_runs)]
+            stops = [run["cut_in_to_silence_s"] for run in cut_ins if run["cut_in_to_silence_s"] is not None]
+            live = {"turns": turns(app, pulse, old=False),
+                    "barge_in": {"runs": cut_ins, "cut_in_to_silence_median_s": statistics.median(stops) if stops else None},
                     "gaps": gaps(app, pulse, old=False), "tabs": tabs(app, pulse, 4),
                     "slow_model": slow_model(pulse, 1.34),
                     "cpu_hear_in_process": hear_cpu(30.0),
