@@ -81,22 +81,23 @@ class LiveLink:
             self.closed.set()
 
     def _answer(self, heard: HeardTurn) -> None:
+        """Tell the page, file the user's words (a WAV, about 1 ms; first, so the chat keeps its order whatever
+        happens to the reply), then stream the reply on a thread of its own."""
         utterance = heard.utterance
         self._send(wire.server_message("turn", turn=heard.number, speech_end_s=round(utterance.speech_end_s, 4),
                                        utterance_s=round(utterance.duration_s, 4)))
+        try:
+            file_user_turn(self.conversation, heard, self._session.files)
+        except OSError as error:  # e.g. a full disk: the turn is still answered, only its file is missing
+            log.warning("could not save turn %d: %s", heard.number, error)
+            self.conversation.warn(f"Your words could not be saved to the chat ({error.strerror or error}); "
+                                   "answering anyway.")
         reply = self.conversation.start_reply()
         if reply is not None:
             threading.Thread(target=self._stream, args=(reply,), name=f"reply-{heard.number}", daemon=True).start()
 
     def _stream(self, reply: Reply) -> None:
-        """File the user's words (a WAV, about 1 ms), then stream the reply: both off the microphone's path."""
         turn = reply.turn.number
-        try:
-            file_user_turn(self.conversation, reply.turn, self._session.files)
-        except OSError as error:  # e.g. a full disk: the turn is still answered, only its file is missing
-            log.warning("could not save turn %d: %s", turn, error)
-            self.conversation.warn(f"Your words could not be saved to the chat ({error.strerror or error}); "
-                                   "answering anyway.")
         answer(self.conversation, reply, self._server, self._session.files,
                play=lambda pcm: self._send(wire.reply_frame(turn, pcm)), settings=self._settings)
         if reply.cancel.is_set():

@@ -208,6 +208,7 @@ class Conversation:
             # The frame that ended the turn arrived just now and carries the latest audio.
             speech_ended_at = arrived_at - max(0.0, detector.heard_s - utterance.speech_end_s)
             self.heard = HeardTurn(self._turns, utterance, speech_ended_at)
+            self.notice = None  # the last failure is old news once a new turn is on its way
             self._move(Phase.THINKING)
             self._next_turn(over_reply=True)
             return self.heard
@@ -241,7 +242,6 @@ class Conversation:
                 return None
             self.reply = Reply(self.heard)
             self.heard = None
-            self.notice = None  # the last failure is old news once a new turn is on its way
             return self.reply
 
     def queued(self, reply: Reply, ahead: int) -> None:

@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from tests import browser_harness as harness  # noqa: E402
-from tests.sound_capture import PulseAudio, Recording, private_pulse, recording  # noqa: E402
+from tests.sound_capture import PulseAudio, private_pulse, recording  # noqa: E402
 from tests.speech import join, silence, speak, trim, write_wav  # noqa: E402
 
 RATE = 16_000

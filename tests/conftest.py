@@ -1,7 +1,9 @@
-"""Shared fixtures: the team's reference material in ../shared, found or skipped."""
+"""Shared fixtures: the team's reference material in ../shared (found or skipped), and a loopback-only guard."""
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 from pathlib import Path
 
 import pytest
@@ -16,3 +18,18 @@ def shared_dir() -> Path:
     if not SHARED_DIR.is_dir():
         pytest.skip("../shared is not present")
     return SHARED_DIR
+
+
+@pytest.fixture
+def loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail any connection a test (Gradio, gradio_client, the app) tries beyond this machine; used by the
+    modules that drive the app in-process (`pytestmark = pytest.mark.usefixtures("loopback_only")`)."""
+    connect = socket.socket.connect
+
+    def checked(sock: socket.socket, address: object) -> object:
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            host = address[0]  # type: ignore[index]
+            assert ipaddress.ip_address(host).is_loopback, f"tried to reach {address}"
+        return connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", checked)

@@ -9,12 +9,10 @@ decoding them.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import re
 import shutil
-import socket
 import threading
 import time
 import wave
@@ -42,7 +40,8 @@ from tests.reference_server import Behaviour, ReferenceServer, Script
 from tests.servers import serving_engine, wait_for
 from tests.speech import espeak_available, join, silence, speak, to_int16, trim, write_wav
 
-pytestmark = pytest.mark.skipif(not espeak_available(), reason="espeak-ng is not installed")
+pytestmark = [pytest.mark.skipif(not espeak_available(), reason="espeak-ng is not installed"),
+              pytest.mark.usefixtures("loopback_only")]
 
 QUESTION = "What is the capital of France?"
 LONG_QUESTION = "Tell me a long story about a dragon and a knight, please."
@@ -172,20 +171,6 @@ class Tab:
         pcm = self.reply(turn)
         self.link.played(turn, len(pcm) // 2, complete=True)
         return pcm
-
-
-@pytest.fixture(autouse=True)
-def loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fail any connection these tests (Gradio, gradio_client, the app) try beyond this machine."""
-    connect = socket.socket.connect
-
-    def checked(sock: socket.socket, address: object) -> object:
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            host = address[0]  # type: ignore[index]
-            assert ipaddress.ip_address(host).is_loopback, f"tried to reach {address}"
-        return connect(sock, address)
-
-    monkeypatch.setattr(socket.socket, "connect", checked)
 
 
 @pytest.fixture(scope="module")

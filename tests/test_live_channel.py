@@ -26,11 +26,12 @@ from omni_server.echo import EchoEngine
 from state import Conversation, Phase
 from tests.servers import serving_app, serving_engine, wait_for
 from tests.speech import espeak_available, join, silence, speak, to_int16
-from tests.test_app_flow import loopback_only  # noqa: F401  (autouse: these tests talk to 127.0.0.1 only)
 
 WAIT_S = 10.0  # for any one message; the echo replies here last ~1.5 s of real time
 
 needs_espeak = pytest.mark.skipif(not espeak_available(), reason="espeak-ng is not installed")
+
+pytestmark = pytest.mark.usefixtures("loopback_only")  # these tests talk to 127.0.0.1 only
 
 
 # --- the wire format ----------------------------------------------------------------------------------------
