@@ -17,6 +17,7 @@ import os
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: it reads this once
 
 import argparse  # noqa: E402
+import asyncio  # noqa: E402
 import atexit  # noqa: E402
 import html  # noqa: E402
 import itertools  # noqa: E402
@@ -25,7 +26,7 @@ import signal  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
+from collections.abc import AsyncIterator  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -49,7 +50,7 @@ WEB_DIR = Path(__file__).resolve().parent / "web"
 DEFAULT_VAD = VadOptions()
 SERVER_CHECK_S = 1.0  # how often a tab refreshes the model server's line (loading progress, restarts)
 CONNECT_TIMEOUT_S = 10.0  # the page has this long to open its live channel after Start
-FOLLOW_CHECK_S = 5.0  # the conversation's follower looks at least this often, changes or not
+FOLLOW_POLL_S = 0.05  # how often a conversation's follower looks for changes to show (a version number)
 STOP_GRACE_S = 1.0  # Stop waits this long for the page's own stop over the socket (which knows what was heard)
 
 PREPARE_JS = "() => window.omniLive.prepare()"
@@ -117,13 +118,13 @@ class Handlers:
             options = VadOptions(pause_secs=float(pause_secs), start_secs=float(start_secs))
             session.conversation.set_options(options, bool(barge_in))
 
-    def start(self, session: Session) -> Iterator[tuple[object, object, object]]:
+    async def start(self, session: Session) -> AsyncIterator[tuple[object, object, object]]:
         """Start clicked: hand the page a token for its live channel, then stream the chat and the status line
-        as the conversation changes, until it stops. Outputs: (token, chat, status)."""
+        as the conversation changes, until it stops. Outputs: (token, chat, status). Async, so a conversation
+        holds no worker thread while it lasts: it looks for changes every FOLLOW_POLL_S."""
         conversation = session.conversation
         if conversation.phase not in (Phase.IDLE, Phase.STOPPED):
             return  # a double click: the running conversation's follower is at work
-        seen = conversation.version
         yield self.tokens.issue(session), gr.skip(), "Opening the microphone…"
         deadline = time.monotonic() + CONNECT_TIMEOUT_S
         while conversation.phase in (Phase.IDLE, Phase.STOPPED):
@@ -132,19 +133,25 @@ class Handlers:
                 yield "", gr.skip(), ("The page could not open its live audio connection to the app (the microphone "
                                       "was refused, or a proxy blocks WebSockets). Click **Start** to try again.")
                 return
-            seen = conversation.wait_for_change(seen, 0.25)
+            await asyncio.sleep(FOLLOW_POLL_S)
         shown: tuple[list[dict], str] | None = None
+        seen = -1
         while True:
             stopped = conversation.phase is Phase.STOPPED
-            if stopped and session.link is not None:
-                session.link.closed.wait(STOP_GRACE_S)  # it files the replies it stopped, then is closed
-            view = (self._chat(conversation), status_line(conversation, self.backend.description))
-            if view != shown:
-                shown = view
-                yield gr.skip(), *view
+            link = session.link
+            if stopped and link is not None:  # it files the replies it stopped, then is closed
+                grace = time.monotonic() + STOP_GRACE_S
+                while not link.closed.is_set() and time.monotonic() < grace:
+                    await asyncio.sleep(FOLLOW_POLL_S)
+            if conversation.version != seen:
+                seen = conversation.version
+                view = (self._chat(conversation), status_line(conversation, self.backend.description))
+                if view != shown:
+                    shown = view
+                    yield gr.skip(), *view
             if stopped:
                 return
-            seen = conversation.wait_for_change(seen, FOLLOW_CHECK_S)
+            await asyncio.sleep(FOLLOW_POLL_S)
 
     def stop(self, session: Session) -> tuple[list[dict], str]:
         """Stop clicked: end the conversation, keeping everything heard and said so far. The page stops its

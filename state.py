@@ -21,7 +21,7 @@ or cut off by the user), so the history keeps what was actually heard.
 
 Callers run on several threads (microphone frames, the reply's stream, the browser's reports, Stop), so every
 method takes the conversation's lock, and a move the current phase does not allow is refused, not forced.
-`version` counts changes; `wait_for_change` lets the page follow them.
+`version` counts changes, so the page can follow them.
 """
 
 from __future__ import annotations
@@ -144,7 +144,6 @@ class Conversation:
 
     def __init__(self, echo_check: EchoCheck = reply_echo) -> None:
         self._lock = threading.RLock()
-        self._changed = threading.Condition(self._lock)
         self._echo_check = echo_check
         self._detector: PauseDetector | None = None
         self._options = VadOptions()
@@ -334,12 +333,6 @@ class Conversation:
             self.history.extend(messages)
             self._touch()
 
-    def wait_for_change(self, seen_version: int, timeout_s: float) -> int:
-        """Block until `version` differs from `seen_version` (or the timeout); returns the version now."""
-        with self._changed:
-            self._changed.wait_for(lambda: self.version != seen_version, timeout=timeout_s)
-            return self.version
-
     def _listen_again(self) -> None:
         if self._move(Phase.LISTENING):
             self._next_turn(over_reply=False)
@@ -353,4 +346,3 @@ class Conversation:
 
     def _touch(self) -> None:
         self.version += 1
-        self._changed.notify_all()

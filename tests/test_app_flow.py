@@ -9,6 +9,7 @@ decoding them.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -16,7 +17,7 @@ import shutil
 import threading
 import time
 import wave
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -512,10 +513,22 @@ def test_a_tab_waiting_for_the_server_says_it_is_queued(
     first.reply(1)
 
 
-def drain(outputs: Iterator[tuple], into: list[tuple], timeout: float) -> None:
-    """Run a streaming handler to its end as Gradio would, on a thread; fail if it does not end in time."""
-    follower = threading.Thread(target=lambda: into.extend(outputs), daemon=True)
+def follow(outputs: AsyncIterator[tuple], into: list[tuple]) -> threading.Thread:
+    """Run an async streaming handler (Handlers.start) to its end on an event loop of its own, as Gradio would,
+    collecting what it yields into `into`."""
+
+    async def run() -> None:
+        async for output in outputs:
+            into.append(output)
+
+    follower = threading.Thread(target=asyncio.run, args=(run(),), daemon=True)
     follower.start()
+    return follower
+
+
+def drain(outputs: AsyncIterator[tuple], into: list[tuple], timeout: float) -> None:
+    """Run a streaming handler to its end; fail if it does not end in time."""
+    follower = follow(outputs, into)
     follower.join(timeout)
     assert not follower.is_alive(), "the handler never ended"
 
@@ -524,16 +537,17 @@ def test_start_hands_the_page_a_token_then_follows_the_conversation_until_it_sto
     tmp_path: Path, question: np.ndarray, echo_url: str
 ) -> None:
     handlers, session = Handlers(Backend(server_url=echo_url)), new_session(tmp_path)
-    following = handlers.start(session)
-    token, chat, status = next(following)
+    outputs: list[tuple] = []
+    follower = follow(handlers.start(session), outputs)
+    wait_for(lambda: bool(outputs), what="the token")
+    token, chat, status = outputs.pop(0)
     assert len(token) >= 40 and skipped(chat) and status.startswith("Opening")
     assert handlers.tokens.claim(token) is session, "the page's hello finds this tab's session"
 
-    outputs: list[tuple] = []
-    follower = threading.Thread(target=lambda: outputs.extend(following), daemon=True)
-    follower.start()
     tab = Tab.opened(handlers, session)
-    assert list(handlers.start(session)) == [], "a second click while it runs does nothing"
+    second_click: list[tuple] = []
+    drain(handlers.start(session), second_click, timeout=5)
+    assert second_click == [], "a second click while it runs does nothing"
     tab.talk(question)
     tab.play(1)
     tab.link.close()
@@ -559,10 +573,9 @@ def test_the_follower_shows_the_reply_a_lost_link_stopped(
     its figures. Filing is held back here until the follower has ended (or half its grace), so a follower that
     did not wait would be caught whatever the timing."""
     handlers, session = Handlers(Backend(server_url=echo_url)), new_session(tmp_path)
-    following = handlers.start(session)
-    next(following)
     outputs: list[tuple] = []
-    follower = threading.Thread(target=lambda: outputs.extend(following), daemon=True)
+    follower = follow(handlers.start(session), outputs)
+    wait_for(lambda: bool(outputs), what="the token")
     file_reply = live_link.file_reply
 
     def file_once_the_follower_is_done(*args: object) -> None:
@@ -570,7 +583,6 @@ def test_the_follower_shows_the_reply_a_lost_link_stopped(
         file_reply(*args)
 
     monkeypatch.setattr(live_link, "file_reply", file_once_the_follower_is_done)
-    follower.start()
     tab = Tab.opened(handlers, session)
     tab.talk(question)
     tab.wait(lambda: bool(tab.frames(1)), "the first reply audio")

@@ -3,8 +3,6 @@ real pause detector and echo gate; no Gradio, no server, no browser."""
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 import soxr
@@ -171,12 +169,19 @@ def test_new_options_hold_from_the_next_turn(question: np.ndarray) -> None:
     assert feed(conversation, with_pause) is None, "the next one waits 1.5 s"
 
 
-def test_a_follower_wakes_on_change() -> None:
+def test_every_change_the_page_shows_moves_the_version(question: np.ndarray) -> None:
     conversation = Conversation()
-    seen = conversation.version
-    threading.Timer(0.05, conversation.start).start()
-    assert conversation.wait_for_change(seen, timeout_s=5) != seen
-    assert conversation.phase is Phase.LISTENING
+    seen = [conversation.version]
+    conversation.start()
+    seen.append(conversation.version)
+    feed(conversation, join(silence(0.4), question, silence(1.2)), HeardTurn)
+    seen.append(conversation.version)
+    reply = conversation.start_reply()
+    conversation.reply_text(reply, "hello")
+    seen.append(conversation.version)
+    conversation.add_messages({"role": "user", "content": "x"})
+    seen.append(conversation.version)
+    assert seen == sorted(set(seen)), "phase moves, streamed text and history each count as a change"
 
 
 def test_reply_files_and_figures(tmp_path) -> None:
