@@ -1,15 +1,15 @@
 // Reply player for omni-voice-chat: a queue of PCM pieces played gaplessly in an AudioContext at the reply's
 // rate (24 kHz; the browser resamples to the device). It starts JITTER_S after the first piece arrives: a
 // model streams about as fast as it plays, so without that margin every late piece would be a gap. When a
-// reply arrives slower than real time it keeps enough audio in hand for the rest of the reply at the arrival
-// rate it has seen and a guess of the reply's length (at least 6 s, a spoken answer's usual length, or twice
-// what has come; doubled at every stall), so it does not run dry mid-word; if it still runs dry it fades out, waits, and fades back in.
+// reply arrives slower than real time, it holds enough audio for the rest of the reply at the arrival rate
+// it has seen, guessing the reply's length (MIN_GUESS_S, or twice what had come at the last stall), so it
+// does not run dry mid-word; if it still runs dry it fades out, waits, and fades back in.
 const FADE = 120; // samples (5 ms at 24 kHz): no click when stalling mid-sound
 const JITTER_S = 0.06; // first margin; the reply must start within 0.1 s of its first audio reaching the page
 const MAX_JITTER_S = 0.5;
 const MAX_LEAD_S = 3.0; // never hold more than this before (re)starting
 const BURST_S = 0.05; // pieces this close to the first one arrived with it
-const MIN_GUESS_S = 6.0; // a reply is guessed to last at least this long
+const MIN_GUESS_S = 6.0; // a spoken answer's usual length (8 s gave more silence at 1.34x slower than real time)
 
 class OmniPlayer extends AudioWorkletProcessor {
   constructor() {
@@ -85,11 +85,13 @@ class OmniPlayer extends AudioWorkletProcessor {
     if (this.buffered === 0) return false;
     if (this.ended.has(this.turn)) return true;
     if (currentTime - this.waitingSince < this.jitter) return false;
-    // Seconds of audio per second since the first burst (which came at once, so it does not count).
+    // Seconds of audio per second since the first burst (which came at once, so it does not count). Until a
+    // piece has come after it, the rate is unknown: play at once the first time, else wait for one.
     const elapsed = currentTime - this.firstArrival;
-    const rate = elapsed > 0.25 ? (this.arrived - this.firstBurst) / sampleRate / elapsed : 1;
+    if (this.arrived === this.firstBurst) return this.played === 0;
+    const rate = (this.arrived - this.firstBurst) / sampleRate / elapsed;
     if (rate >= 1) return true;
-    const total = Math.max(MIN_GUESS_S, this.guess, (2 * this.arrived) / sampleRate);
+    const total = Math.max(MIN_GUESS_S, this.guess); // fixed between stalls, or the target would run away
     const rest = Math.max(0, total - this.played / sampleRate);
     return this.buffered >= Math.min(MAX_LEAD_S, (1 - rate) * rest) * sampleRate;
   }
