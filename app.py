@@ -42,7 +42,7 @@ from audio_files import TurnFiles  # noqa: E402
 from backend import Backend  # noqa: E402
 from live_link import LiveLink, Send, status_line  # noqa: E402
 from live_route import LiveTokens, add_live_route  # noqa: E402
-from replying import ReplySettings, file_reply, whole_reply  # noqa: E402
+from replying import ReplySettings, end_conversation, whole_reply  # noqa: E402
 from state import Conversation, Phase  # noqa: E402
 from vad import AudioInputError, VadOptions  # noqa: E402
 
@@ -160,8 +160,7 @@ class Handlers:
         if link is not None:
             link.closed.wait(STOP_GRACE_S)
             link.close()
-        for reply in session.conversation.stop():
-            file_reply(session.conversation, reply, session.files)
+        end_conversation(session.conversation, session.files)  # a no-op when the link has ended it already
         self.tokens.revoke(session)
         return self._chat(session.conversation), status_line(session.conversation, self.backend.description)
 

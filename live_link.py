@@ -14,7 +14,7 @@ from typing import Protocol
 
 import live_protocol as wire
 from audio_files import TurnFiles
-from replying import ModelServer, ReplySettings, answer, file_reply, file_user_turn
+from replying import ModelServer, ReplySettings, answer, end_conversation, file_reply, file_user_turn
 from state import Conversation, CutIn, HeardTurn, Phase, Reply
 
 log = logging.getLogger(__name__)
@@ -75,8 +75,7 @@ class LiveLink:
         if self.closed.is_set():
             return
         try:
-            for reply in self.conversation.stop(notice):
-                file_reply(self.conversation, reply, self._session.files)
+            end_conversation(self.conversation, self._session.files, notice)
         finally:
             self.closed.set()
 

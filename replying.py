@@ -68,6 +68,12 @@ def file_reply(conversation: Conversation, reply: Reply, files: TurnFiles) -> No
     conversation.add_messages(*assistant_turn(mp3, reply.text, figures))
 
 
+def end_conversation(conversation: Conversation, files: TurnFiles, notice: str | None = None) -> None:
+    """Stop the conversation (`notice`: why, when it was not the user) and keep every reply it cut short."""
+    for reply in conversation.stop(notice):
+        file_reply(conversation, reply, files)
+
+
 def _outcome(reply: Reply, heard_s: float) -> str | None:
     if reply.interrupted:
         return f"you cut in after {heard_s:.1f} s" if heard_s else "you cut in before it began"

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
+from tests import processes
 from tests.sound_capture import PulseAudio
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -111,12 +112,7 @@ def running_app(
                     time.sleep(0.3)
             yield RunningApp(url, process.pid)
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            processes.end(process, grace_s=15)
 
 
 @dataclass

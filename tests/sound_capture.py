@@ -31,6 +31,8 @@ from typing import IO
 
 import numpy as np
 
+from tests import processes
+
 RATE = 16_000
 BLOCK = 160  # samples: 10 ms
 BLOCK_S = BLOCK / RATE
@@ -83,12 +85,7 @@ def private_pulse(timeout_s: float = 10.0) -> Iterator[PulseAudio]:
                 time.sleep(0.05)
             yield pulse
         finally:
-            daemon.terminate()
-            try:
-                daemon.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                daemon.wait()
+            processes.end(daemon, grace_s=5)
 
 
 class Recording:
