@@ -37,10 +37,15 @@ FED: dict[int, int] = {}  # samples fed to each conversation (by id): the microp
 
 
 def feed(conversation: Conversation, audio: np.ndarray, until: type | None = None):
-    """Feed `audio` frame by frame; return the first event of type `until` (or None when all was fed)."""
+    """Feed `audio` frame by frame; return the first event of type `until` (or None when all was fed).
+    A microphone delivers its frames in real time and this feeds them at once, so a sounding reply's clock is
+    moved back by each frame's length: the player has played as much as the microphone has heard meanwhile."""
     for start in range(0, len(audio), FRAME):
-        event = conversation.hear(16_000, audio[start : start + FRAME])
-        FED[id(conversation)] = FED.get(id(conversation), 0) + len(audio[start : start + FRAME])
+        frame = audio[start : start + FRAME]
+        event = conversation.hear(16_000, frame)
+        FED[id(conversation)] = FED.get(id(conversation), 0) + len(frame)
+        if conversation.reply is not None and conversation.reply.sounding_at is not None:
+            conversation.reply.sounding_at -= len(frame) / 16_000
         if event is not None and (until is None or isinstance(event, until)):
             return event
         assert event is None or until is not None, f"unexpected {event}"
