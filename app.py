@@ -38,16 +38,19 @@ from fastapi.staticfiles import StaticFiles  # noqa: E402
 
 import live_protocol  # noqa: E402
 import omni_client  # noqa: E402
+import turn_weights  # noqa: E402
 from audio_files import TurnFiles  # noqa: E402
 from backend import Backend  # noqa: E402
 from live_link import LiveLink, Send, status_line  # noqa: E402
 from live_route import LiveTokens, add_live_route  # noqa: E402
 from replying import ReplySettings, end_conversation, whole_reply  # noqa: E402
+from end_of_turn import SharedTurnModel  # noqa: E402
 from state import Conversation, Phase  # noqa: E402
-from vad import AudioInputError, VadOptions  # noqa: E402
+from vad import PATIENCE, AudioInputError, VadOptions, turn_options  # noqa: E402
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 DEFAULT_VAD = VadOptions()
+DEFAULT_PATIENCE = "balanced"  # VadOptions' own defaults
 SERVER_CHECK_S = 1.0  # how often a tab refreshes the model server's line (loading progress, restarts)
 CONNECT_TIMEOUT_S = 10.0  # the page has this long to open its live channel after Start
 FOLLOW_POLL_S = 0.05  # how often a conversation's follower looks for changes to show (a version number)
@@ -81,9 +84,11 @@ class Handlers:
     """The page's event handlers and the live channel's sessions. Plain methods, so tests call them
     directly without a browser."""
 
-    def __init__(self, backend: Backend, settings: ReplySettings = ReplySettings()) -> None:
+    def __init__(self, backend: Backend, settings: ReplySettings = ReplySettings(),
+                 turn_model: SharedTurnModel | None = None) -> None:
         self.backend = backend
         self.settings = settings
+        self.turn_model = turn_model
         self.tokens: LiveTokens[Session] = LiveTokens()
         self._api_files: TurnFiles | None = None
         self._api_lock = threading.Lock()
@@ -93,7 +98,8 @@ class Handlers:
         """A new tab: its own session (made here, not by a gr.State factory, which Gradio would publish as an
         API endpoint), and the server's state."""
         self.backend.start()
-        session = Session(server_line_shown=self.backend.status_line())
+        completion = self.turn_model.completion if self.turn_model is not None else None
+        session = Session(conversation=Conversation(completion), server_line_shown=self._server_line())
         return session, self._idle_status(), session.server_line_shown
 
     def close_session(self, session: Session | None) -> None:
@@ -105,17 +111,18 @@ class Handlers:
     def server_tick(self, session: Session | None) -> tuple[object, object]:
         """Keep the server line current (loading progress, a restart, an error). The main status line
         follows it only before a conversation, so it never hides what the conversation is doing."""
-        line = self.backend.status_line()
+        line = self._server_line()
         if session is None or line == session.server_line_shown:  # None: the page has not loaded yet
             return gr.skip(), gr.skip()
         session.server_line_shown = line
         idle = session.conversation.phase is Phase.IDLE
         return (self._idle_status() if idle else gr.skip()), line
 
-    def options_changed(self, session: Session | None, pause_secs: float, start_secs: float, barge_in: bool) -> None:
+    def options_changed(self, session: Session | None, patience: str, semantic: bool, pause_secs: float,
+                        start_secs: float, barge_in: bool) -> None:
         """The turn options, for this tab's next turn."""
         if session is not None:
-            options = VadOptions(pause_secs=float(pause_secs), start_secs=float(start_secs))
+            options = turn_options(str(patience), bool(semantic), float(pause_secs), float(start_secs))
             session.conversation.set_options(options, bool(barge_in))
 
     async def start(self, session: Session) -> AsyncIterator[tuple[object, object, object]]:
@@ -145,7 +152,7 @@ class Handlers:
                     await asyncio.sleep(FOLLOW_POLL_S)
             if conversation.version != seen:
                 seen = conversation.version
-                view = (self._chat(conversation), status_line(conversation, self.backend.description))
+                view = (self._chat(conversation), self._status(conversation))
                 if view != shown:
                     shown = view
                     yield gr.skip(), *view
@@ -162,7 +169,7 @@ class Handlers:
             link.close()
         end_conversation(session.conversation, session.files)  # a no-op when the link has ended it already
         self.tokens.revoke(session)
-        return self._chat(session.conversation), status_line(session.conversation, self.backend.description)
+        return self._chat(session.conversation), self._status(session.conversation)
 
     def open_link(self, session: Session, send: Send) -> LiveLink | None:
         """The live route found `session` by its token: the tab's channel to a new conversation, or None when
@@ -200,6 +207,28 @@ class Handlers:
                 self._api_files = TurnFiles()
             return self._api_files.folder / f"api-reply-{next(self._api_replies):05d}.mp3"
 
+    def _status(self, conversation: Conversation) -> str:
+        """The conversation's line, saying so when turns end on silence because the turn model is missing."""
+        line = status_line(conversation, self.backend.description)
+        problem = self.turn_model.problem if self.turn_model is not None else None
+        if problem and conversation.options.semantic and conversation.phase is not Phase.STOPPED:
+            return f"{line} ({problem}: your turn ends after {conversation.options.pause_secs:g} s of silence.)"
+        return line
+
+    def _server_line(self) -> str:
+        """The model server's state, and the end-of-turn model's."""
+        return f"{self.backend.status_line()}  \nEnd of turn: {self._turn_model_line()}"
+
+    def _turn_model_line(self) -> str:
+        model = self.turn_model
+        if model is None:
+            return "after a pause of silence (no end-of-turn model in this app)."
+        if model.problem:
+            return f"after a pause of silence. {model.problem}."
+        if model.loading:
+            return "the end-of-turn model is loading; until then, after a pause of silence."
+        return "Smart Turn v3.2 hears when you have finished (BSD-2-Clause, by Daily)."
+
     def _idle_status(self) -> str:
         if not self.backend.ready:
             return self.backend.status_line()
@@ -236,8 +265,15 @@ def build_demo(handlers: Handlers) -> gr.Blocks:
                         elem_id="live")
                 status = gr.Markdown(WELCOME, elem_id="status")
                 with gr.Accordion("Turn options and server", open=False):
+                    patience = gr.Radio([(name.capitalize(), name) for name in PATIENCE], value=DEFAULT_PATIENCE,
+                                        label="When to answer",
+                                        info="Quick answers as soon as you sound finished; patient waits longer "
+                                             "through your pauses.")
+                    semantic = gr.Checkbox(DEFAULT_VAD.semantic, label="Listen for the end of your sentence "
+                                           "(off: answer after a fixed pause)")
                     pause_secs = gr.Slider(0.3, 2.0, value=DEFAULT_VAD.pause_secs, step=0.05,
-                                           label="Pause that ends your turn (seconds)")
+                                           label="Fixed pause that ends your turn, when not listening for the "
+                                                 "end of your sentence (seconds)")
                     start_secs = gr.Slider(0.1, 1.0, value=DEFAULT_VAD.start_secs, step=0.05,
                                            label="Speech needed to start a turn (seconds)")
                     barge_in = gr.Checkbox(True, label="Talking over a reply cuts it off (barge-in)")
@@ -250,8 +286,9 @@ def build_demo(handlers: Handlers) -> gr.Blocks:
         quiet = {"api_visibility": "private", "show_progress": "hidden"}
         demo.load(handlers.page_loaded, None, [session, status, server_info], **quiet)
         server_timer.tick(handlers.server_tick, [session], [status, server_info], **quiet)
-        for option in (pause_secs, start_secs, barge_in):
-            option.change(handlers.options_changed, [session, pause_secs, start_secs, barge_in], None, **quiet)
+        options = [session, patience, semantic, pause_secs, start_secs, barge_in]
+        for option in options[1:]:
+            option.change(handlers.options_changed, options, None, **quiet)
         start.click(None, None, None, js=PREPARE_JS)
         following = start.click(handlers.start, [session], [token, chatbot, status], concurrency_limit=None,
                                 **quiet)
@@ -287,6 +324,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         default=os.environ.get("OMNI_ENGINE", "auto"),
                         help="engine of the launched server: auto (mini-omni when a checkpoint can be had, "
                              "else echo), echo or mini-omni (env OMNI_ENGINE)")
+    parser.add_argument("--turn-model", type=Path, default=None,
+                        help=f"the end-of-turn model's ONNX file (env {turn_weights.PATH_VARIABLE}; default: the user's "
+                             "cache, fetched from PyPI or the Hub on first start unless env "
+                             f"{turn_weights.DOWNLOAD_VARIABLE}=0)")
     parser.add_argument("--checkpoint-dir", type=Path,
                         default=Path(os.environ.get("OMNI_CHECKPOINT_DIR", "checkpoint")),
                         help="mini-omni checkpoint directory (default ./checkpoint; env OMNI_CHECKPOINT_DIR)")
@@ -295,7 +336,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 SETTINGS = parse_args(sys.argv[1:] if __name__ == "__main__" else [])
 backend = Backend(server_url=SETTINGS.server_url, engine=SETTINGS.engine, checkpoint_dir=SETTINGS.checkpoint_dir)
-handlers = Handlers(backend)
+turn_model = SharedTurnModel(SETTINGS.turn_model)
+handlers = Handlers(backend, turn_model=turn_model)
 app = create_app(handlers)
 
 
@@ -303,6 +345,7 @@ def main() -> None:
     atexit.register(backend.close)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so atexit stops the launched server
     backend.start()
+    turn_model.start_loading()
     host = os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")  # Gradio's own variables (a Space sets them)
     port = int(os.environ.get("GRADIO_SERVER_PORT", "7860"))
     print(f"omni-voice-chat on http://{host}:{port}", flush=True)

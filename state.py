@@ -36,7 +36,7 @@ import numpy as np
 
 from echo_gate import is_reply_echo
 from omni_client import REPLY_SAMPLE_RATE
-from vad import VAD_SAMPLE_RATE, PauseDetector, Utterance, VadOptions
+from vad import VAD_SAMPLE_RATE, CompletionModel, PauseDetector, Utterance, VadOptions
 
 
 class Phase(enum.Enum):
@@ -140,10 +140,12 @@ class CutIn:
 
 
 class Conversation:
-    """One tab's conversation. `echo_check` is injectable for tests."""
+    """One tab's conversation. `completion`: the end-of-turn model (None: turns end on silence alone);
+    `echo_check` is injectable for tests."""
 
-    def __init__(self, echo_check: EchoCheck = reply_echo) -> None:
+    def __init__(self, completion: CompletionModel | None = None, echo_check: EchoCheck = reply_echo) -> None:
         self._lock = threading.RLock()
+        self._completion = completion
         self._echo_check = echo_check
         self._detector: PauseDetector | None = None
         self._options = VadOptions()
@@ -165,9 +167,13 @@ class Conversation:
         with self._lock:
             if not self._move(Phase.LISTENING):
                 return False
-            self._detector = PauseDetector(self._options)
+            self._detector = PauseDetector(self._options, self._completion)
             self.notice = None
             return True
+
+    @property
+    def options(self) -> VadOptions:
+        return self._options
 
     def set_options(self, options: VadOptions, barge_in: bool) -> None:
         """New turn options, used from the next turn on (the turn being heard keeps its own)."""

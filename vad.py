@@ -4,8 +4,13 @@ One `PauseDetector` per session is fed the browser's microphone chunks as they c
 (the live page sends 32 ms frames at 16 kHz; any rate and length work). Each chunk is mixed to mono, resampled to 16 kHz by soxr (a streaming resampler, so
 chunk boundaries are seamless), and cut into 512-sample windows that the silero-vad model scores once each,
 with its recurrent state carried across chunks. A small state machine with hysteresis turns the window scores
-into a turn: speech starts after `start_secs` of speech, and the turn ends after `pause_secs` of silence that
-follows speech (or at `max_utterance_secs`). Silence before the user starts never ends a turn.
+into a turn: speech starts after `start_secs` of speech, and the turn ends at a pause that follows speech (or
+at `max_utterance_secs`). Silence before the user starts never ends a turn.
+
+Which pause ends the turn: with `semantic` on (the default) and an end-of-turn model at hand (end_of_turn.py),
+the model is asked once the pause reaches `check_secs` (and again at `recheck_secs`); the turn ends as soon as it
+judges the turn complete, else after `fallback_secs` of silence whatever it says. With `semantic` off, or while
+the model is unavailable, the turn ends after `pause_secs` of silence.
 
 Cost: the windows of one chunk go through silero's convolutional front end as one batch; only its small LSTM
 runs window by window. The probabilities equal the stock one-window-at-a-time model's (tests check this), at a
@@ -22,9 +27,10 @@ import enum
 import functools
 import math
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import numpy as np
 import soxr
@@ -40,6 +46,7 @@ WINDOW_SAMPLES = 512  # silero-vad's window at 16 kHz: 32 ms
 _CONTEXT_SAMPLES = 64  # silero-vad prepends the last 64 samples of the previous window to each window
 _BATCH_WINDOWS = 32  # windows scored per model call (about 1 s), so a huge chunk stops soon after a turn ends
 _MIN_RATE, _MAX_RATE = 8_000, 96_000
+_MODEL_WINDOW_SAMPLES = 8 * 16_000  # the end-of-turn model hears at most the turn's last 8 s
 _MAX_CHANNELS = 8
 
 
@@ -68,6 +75,14 @@ class VadOptions:
         Clean speech scores above 0.8 in about 85 % of its windows, noise and clicks rarely do; silero is
         blind to level (a -20 dB copy of speech scores the same), so the bar alone cannot tell the reply's
         own echo from the user: `echo_gate` does that.
+    semantic: ask the end-of-turn model at pauses (below); off, the turn ends after `pause_secs` of silence.
+    check_secs: the silence at which the model is first asked. Shorter answers sooner but asks more often.
+    recheck_secs: silences at which it is asked again, while the pause lasts.
+    completion_threshold: the model's probability at or above which the turn is complete and ends now.
+    fallback_secs: the silence that ends the turn whatever the model says (with `semantic` on).
+    resume_secs: when the model has ended a turn and the user speaks again within this long, they had not
+        finished: the new turn carries on the old one and includes its audio (`Utterance.continues`), so the
+        sentence is answered whole. 0 turns this off.
     """
 
     start_secs: float = 0.25
@@ -80,16 +95,30 @@ class VadOptions:
     off_threshold: float = 0.35
     barge_in_threshold: float = 0.8
     barge_in_secs: float = 0.3
+    semantic: bool = True
+    check_secs: float = 0.2
+    recheck_secs: tuple[float, ...] = ()
+    completion_threshold: float = 0.5
+    fallback_secs: float = 1.5
+    resume_secs: float = 1.5
 
     def __post_init__(self) -> None:
-        for name in ("start_secs", "pause_secs", "max_utterance_secs", "barge_in_secs"):
+        for name in ("start_secs", "pause_secs", "max_utterance_secs", "barge_in_secs", "check_secs"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-        for name in ("start_gap_secs", "pre_roll_secs", "tail_secs"):
+        for name in ("start_gap_secs", "pre_roll_secs", "tail_secs", "resume_secs"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be zero or more, got {getattr(self, name)!r}")
-        if self.tail_secs > self.pause_secs:
-            raise ValueError(f"tail_secs ({self.tail_secs}) cannot exceed pause_secs ({self.pause_secs})")
+        shortest_end = min(self.pause_secs, self.check_secs) if self.semantic else self.pause_secs
+        if self.tail_secs > shortest_end:
+            raise ValueError(f"tail_secs ({self.tail_secs}) cannot exceed the shortest pause that ends a turn "
+                             f"({shortest_end}: pause_secs, or check_secs with semantic on)")
+        checks = (self.check_secs, *self.recheck_secs)
+        if list(checks) != sorted(checks) or not checks[-1] < self.fallback_secs:
+            raise ValueError("need check_secs <= recheck_secs (ascending) < fallback_secs, got "
+                             f"{self.check_secs}, {self.recheck_secs} and {self.fallback_secs}")
+        if not 0 < self.completion_threshold < 1:
+            raise ValueError(f"completion_threshold must be between 0 and 1, got {self.completion_threshold!r}")
         if not 0 < self.off_threshold <= self.threshold <= self.barge_in_threshold < 1:
             raise ValueError(
                 "need 0 < off_threshold <= threshold <= barge_in_threshold < 1, got "
@@ -97,15 +126,37 @@ class VadOptions:
             )
 
 
+# The page's "When to answer": how sure the end-of-turn model must be that a turn is complete, and the silence
+# that ends a turn whatever it says. "balanced" is VadOptions' defaults (see docs/turn-taking in the README).
+PATIENCE: dict[str, dict[str, float]] = {
+    "quick": {"completion_threshold": 0.4, "fallback_secs": 1.2},
+    "balanced": {"completion_threshold": 0.5, "fallback_secs": 1.5},
+    "patient": {"completion_threshold": 0.8, "fallback_secs": 2.0},
+}
+
+
+def turn_options(patience: str, semantic: bool, pause_secs: float, start_secs: float) -> VadOptions:
+    """The page's turn options as detector options; an unknown `patience` is refused with a ValueError."""
+    if patience not in PATIENCE:
+        raise ValueError(f"'When to answer' must be one of {', '.join(PATIENCE)}, not {patience!r}.")
+    return VadOptions(semantic=semantic, pause_secs=pause_secs, start_secs=start_secs, **PATIENCE[patience])
+
+
+# The end-of-turn model: the turn's audio (16 kHz, at most its last 8 s are used) -> probability it is complete,
+# or None when no model is at hand (the turn then ends on silence alone).
+CompletionModel = Callable[[np.ndarray], "float | None"]
+
+
 class TurnEndReason(enum.Enum):
-    PAUSE = "pause"  # the user stopped for pause_secs
+    COMPLETE = "complete"  # the end-of-turn model judged the turn complete at a pause
+    PAUSE = "pause"  # the user stopped for pause_secs (or fallback_secs with the model on)
     MAX_LENGTH = "max_length"  # the user talked for max_utterance_secs without pausing
 
 
 class DetectorState(enum.Enum):
     WAITING = "waiting"  # no speech yet this turn (silence here never ends a turn)
     SPEAKING = "speaking"  # the user is talking
-    PAUSING = "pausing"  # silence after speech; the turn ends if it lasts pause_secs
+    PAUSING = "pausing"  # silence after speech; the turn ends if the model says so or the silence lasts
     ENDED = "ended"  # an utterance was handed on; further audio is ignored until next_turn() or reset()
 
 
@@ -117,6 +168,7 @@ class Utterance:
     reason: TurnEndReason
     start_s: float  # where `audio` starts, in seconds since the detector's last reset
     speech_end_s: float  # where speech ended (before the tail), same clock
+    continues: bool = False  # it carries on the previous turn (ended by the model too soon) and includes it
 
     SAMPLE_RATE: ClassVar[int] = VAD_SAMPLE_RATE
 
@@ -299,19 +351,37 @@ def _windows(seconds: float) -> int:
     return math.ceil(round(seconds * VAD_SAMPLE_RATE / WINDOW_SAMPLES, 6))
 
 
-class _TurnTracker:
-    """The state machine, on window probabilities alone (no audio, no model). Window i covers samples
-    [512 i, 512 (i + 1)) since reset. `over_reply`: the start must clear the barge-in bar (see VadOptions)."""
+@dataclass(frozen=True)
+class _Resumable:
+    """A turn the model ended, which speech starting by `until_window` continues."""
 
-    def __init__(self, options: VadOptions, over_reply: bool = False) -> None:
+    audio_start: int  # its first sample
+    until_window: int
+
+
+class _TurnTracker:
+    """The state machine, on window probabilities and the end-of-turn model's verdicts alone (no audio, no
+    model). Window i covers samples [512 i, 512 (i + 1)) since reset. `over_reply`: the start must clear the
+    barge-in bar (see VadOptions). `semantic`: pauses are judged by the model; when a pause reaches a check,
+    `check_due` is set and the caller answers with `judged`. `resumable`: the previous turn, which this one
+    continues if its speech starts in time."""
+
+    def __init__(self, options: VadOptions, over_reply: bool = False, semantic: bool = False,
+                 resumable: _Resumable | None = None) -> None:
         self._options = options
+        self._resumable = resumable
+        self.continues = False
+        self.semantic = semantic
+        self._checks = frozenset(_windows(seconds) for seconds in (options.check_secs, *options.recheck_secs))
+        self._fallback_windows = _windows(options.fallback_secs)
+        self.check_due = False
         self._start_on = options.barge_in_threshold if over_reply else options.threshold
         self._start_keep = options.barge_in_threshold if over_reply else options.off_threshold
         self._start_windows = _windows(options.barge_in_secs if over_reply else options.start_secs)
         self._start_gap_windows = _windows(options.start_gap_secs)
         self._pause_windows = _windows(options.pause_secs)
         self._pre_roll = round(options.pre_roll_secs * VAD_SAMPLE_RATE)
-        self._max_samples = round(options.max_utterance_secs * VAD_SAMPLE_RATE)
+        self.max_samples = round(options.max_utterance_secs * VAD_SAMPLE_RATE)
         self.state = DetectorState.WAITING
         self._run_start: int | None = None  # first window of a run of speech that may become the start
         self._run_voiced = 0  # speech windows counted in that run
@@ -322,15 +392,23 @@ class _TurnTracker:
 
     @property
     def audio_start(self) -> int:
-        """First sample of the utterance, pre-roll included (once speech has started)."""
+        """First sample of the utterance, pre-roll included (once speech has started); a continuing turn's
+        starts where the turn it continues did."""
+        if self.continues:
+            assert self._resumable is not None
+            return self._resumable.audio_start
         return max(0, self.speech_start * WINDOW_SAMPLES - self._pre_roll)
 
     def first_sample_needed(self, next_window: int) -> int:
-        """The oldest sample an utterance could still need: its pre-roll may reach back before its start."""
+        """The oldest sample an utterance could still need: its pre-roll may reach back before its start, and
+        while the previous turn may still be continued, all of that turn."""
         if self.state is not DetectorState.WAITING:
             return self.audio_start
         first = self._run_start if self._run_start is not None else next_window
-        return max(0, first * WINDOW_SAMPLES - self._pre_roll)
+        needed = max(0, first * WINDOW_SAMPLES - self._pre_roll)
+        if self._resumable is not None and next_window <= self._resumable.until_window:
+            return min(needed, self._resumable.audio_start)
+        return needed
 
     def step(self, index: int, probability: float) -> None:
         """Advance over window `index`; sets `state` to ENDED and `reason` when the turn is over."""
@@ -345,6 +423,8 @@ class _TurnTracker:
                     if self._run_voiced >= self._start_windows:
                         self.state = DetectorState.SPEAKING
                         self.speech_start, self.speech_end = self._run_start, index + 1
+                        resumable = self._resumable
+                        self.continues = resumable is not None and self._run_start <= resumable.until_window
                 elif index - self._run_last_voiced > self._start_gap_windows:
                     self._run_start = None
         elif self.state is DetectorState.SPEAKING:
@@ -353,15 +433,26 @@ class _TurnTracker:
             else:
                 self.state = DetectorState.PAUSING
         elif self.state is DetectorState.PAUSING:
+            silent = index + 1 - self.speech_end
             if probability >= options.threshold:
                 self.state = DetectorState.SPEAKING
                 self.speech_end = index + 1
-            elif index + 1 - self.speech_end >= self._pause_windows:
+            elif silent >= (self._fallback_windows if self.semantic else self._pause_windows):
                 self._end(TurnEndReason.PAUSE)
                 return
+            elif self.semantic and silent in self._checks:
+                self.check_due = True
         heard = (index + 1) * WINDOW_SAMPLES - self.audio_start
-        if self.state is not DetectorState.WAITING and heard >= self._max_samples:
+        if self.state is not DetectorState.WAITING and heard >= self.max_samples:
             self._end(TurnEndReason.MAX_LENGTH)
+
+    def judged(self, complete: bool | None) -> None:
+        """The model's verdict on the pause that set `check_due`; None: no model, so silence decides from now on."""
+        self.check_due = False
+        if complete is None:
+            self.semantic = False
+        elif complete:
+            self._end(TurnEndReason.COMPLETE)
 
     def _end(self, reason: TurnEndReason) -> None:
         self.reason = reason
@@ -370,7 +461,7 @@ class _TurnTracker:
     def utterance_span(self) -> tuple[int, int, int]:
         """(first sample, sample where speech ended, sample after the tail) of the finished turn."""
         start = self.audio_start
-        limit = start + self._max_samples
+        limit = start + self.max_samples
         speech_end = min(self.speech_end * WINDOW_SAMPLES, limit)
         stop = min(speech_end + round(self._options.tail_secs * VAD_SAMPLE_RATE), limit)
         return start, speech_end, stop
@@ -384,9 +475,12 @@ class PauseDetector:
     clock carry over, so a live microphone needs no restart) or `reset()` (a new stream, time 0).
     """
 
-    def __init__(self, options: VadOptions = VadOptions()) -> None:
+    def __init__(self, options: VadOptions = VadOptions(), completion: CompletionModel | None = None) -> None:
         self.options = options
+        self._completion = completion
         self._scorer = SpeechScorer()
+        self.model_calls = 0  # end-of-turn model calls so far, and their wall time: for benchmarks
+        self.model_seconds = 0.0
         self.reset()
 
     def reset(self) -> None:
@@ -394,7 +488,8 @@ class PauseDetector:
         self._scorer.reset()
         self._resample = _Resampler()
         self._buffer = _SampleBuffer()
-        self._tracker = _TurnTracker(self.options)
+        self._resumable: _Resumable | None = None
+        self._tracker = self._new_tracker(over_reply=False)
         self._scored = 0  # windows scored since reset
 
     def next_turn(self, *, over_reply: bool = False, options: VadOptions | None = None) -> None:
@@ -403,7 +498,11 @@ class PauseDetector:
         start over the barge-in bar."""
         if options is not None:
             self.options = options
-        self._tracker = _TurnTracker(self.options, over_reply)
+        self._tracker = self._new_tracker(over_reply)
+
+    def _new_tracker(self, over_reply: bool) -> _TurnTracker:
+        semantic = self.options.semantic and self._completion is not None
+        return _TurnTracker(self.options, over_reply, semantic, self._resumable)
 
     @property
     def state(self) -> DetectorState:
@@ -444,10 +543,24 @@ class PauseDetector:
             for probability in probabilities:
                 self._tracker.step(self._scored, float(probability))
                 self._scored += 1
+                if self._tracker.check_due:
+                    self._tracker.judged(self._judge(self._scored * WINDOW_SAMPLES))
                 if self._tracker.state is DetectorState.ENDED:
                     return self._utterance()
             self._forget_leading_silence()
         return None
+
+    def _judge(self, end: int) -> bool | None:
+        """Ask the model whether the turn heard up to sample `end` is complete (None: no model at hand)."""
+        assert self._completion is not None
+        started = time.perf_counter()
+        audio = self._buffer.get(max(self._tracker.audio_start, end - _MODEL_WINDOW_SAMPLES), end)
+        probability = self._completion(audio)
+        if probability is None:
+            return None
+        self.model_calls += 1
+        self.model_seconds += time.perf_counter() - started
+        return probability >= self.options.completion_threshold
 
     def _forget_leading_silence(self) -> None:
         """Keep only the pre-roll's worth of audio while waiting, so a long silence costs no memory."""
@@ -455,14 +568,19 @@ class PauseDetector:
             self._buffer.drop_before(self._tracker.first_sample_needed(self._scored))
 
     def _utterance(self) -> Utterance:
-        start, speech_end, stop = self._tracker.utterance_span()
-        reason = self._tracker.reason
-        assert reason is not None
+        tracker = self._tracker
+        start, speech_end, stop = tracker.utterance_span()
+        assert tracker.reason is not None
+        # A turn the model ended may be continued; not one that is already half of mini-omni's 30 s limit.
+        resumable = (tracker.reason is TurnEndReason.COMPLETE and self.options.resume_secs > 0
+                     and stop - start < tracker.max_samples // 2)
+        self._resumable = _Resumable(start, self._scored + _windows(self.options.resume_secs)) if resumable else None
         return Utterance(
             audio=self._buffer.get(start, stop),
-            reason=reason,
+            reason=tracker.reason,
             start_s=start / VAD_SAMPLE_RATE,
             speech_end_s=speech_end / VAD_SAMPLE_RATE,
+            continues=tracker.continues,
         )
 
 
@@ -481,36 +599,34 @@ class RecordedTurn:
     """A turn found in a recording fed chunk by chunk; times are seconds into the recording."""
 
     utterance: Utterance
-    offset_s: float  # where the detector was reset (the recording time of its clock's zero)
     turn_end_s: float  # end of the chunk on which the turn was declared over
 
     @property
     def speech_start_s(self) -> float:
         """Where the handed-on utterance starts (pre-roll included)."""
-        return self.offset_s + self.utterance.start_s
+        return self.utterance.start_s
 
     @property
     def speech_end_s(self) -> float:
-        return self.offset_s + self.utterance.speech_end_s
+        return self.utterance.speech_end_s
 
 
 def turns_in_recording(
     sample_rate: int, samples: np.ndarray, chunk_secs: float, detector: PauseDetector
 ) -> list[RecordedTurn]:
-    """Feed a whole recording in chunks of `chunk_secs`, resetting after each turn (the app's live stream
-    goes on with `next_turn` instead: its turns can differ by where the detector's clock and model state start).
+    """Feed a whole recording in chunks of `chunk_secs` as one stream, looking for the next turn after each, as
+    the app does (without a reply playing, so no raised bar). A turn that continues the one before it (see
+    VadOptions.resume_secs) is listed too, after the one it continues.
 
     For tests, benchmarks and tuning the options on one's own recordings.
     """
     chunk = max(1, round(chunk_secs * sample_rate))
     detector.reset()
     turns: list[RecordedTurn] = []
-    offset = 0
     for begin in range(0, len(samples), chunk):
         end = min(begin + chunk, len(samples))
         utterance = detector.feed(sample_rate, samples[begin:end])
-        if utterance is not None:
-            turns.append(RecordedTurn(utterance, offset / sample_rate, end / sample_rate))
-            detector.reset()
-            offset = end
+        if utterance is not None:  # the rest of the chunk is scored with the next one, as in the app
+            turns.append(RecordedTurn(utterance, end / sample_rate))
+            detector.next_turn()
     return turns

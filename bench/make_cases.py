@@ -31,7 +31,8 @@ DEFAULT_OUT = REPO_ROOT / "test-output" / "vad_cases"
 
 @dataclass(frozen=True)
 class CaseSpec:
-    """Turns of phrases; phrases within a turn are separated by `inner_pause_secs` of silence."""
+    """Turns of phrases; each turn is one sentence with a pause of `inner_pause_secs` (plus espeak's own clause
+    pause) where its phrases meet."""
 
     name: str
     description: str
@@ -40,7 +41,7 @@ class CaseSpec:
     words_per_minute: int = 160
     lead_secs: float = 1.0  # silence before the first turn
     gap_secs: float = 2.5  # silence between turns
-    inner_pause_secs: float = 0.5
+    inner_pause_secs: float = 0.6
     speech_gain: float = 1.0
     noise_snr_db: float | None = None  # white noise under everything, relative to the speech's RMS
     hum: bool = False  # mains hum and a low fan rumble
@@ -56,31 +57,35 @@ CASES = (
     ),
     CaseSpec(
         "gb_fast",
-        "en-gb at 220 wpm, one mid-sentence pause",
+        "en-gb at 220 wpm, one 0.7 s mid-sentence pause",
         (("So if I take the early train", "will I still make the connection in Leeds?"),),
         voice="en-gb",
         words_per_minute=220,
+        inner_pause_secs=0.7,
     ),
     CaseSpec(
         "slow_female",
-        "en-us female variant at 115 wpm, one mid-sentence pause",
+        "en-us female variant at 115 wpm, one 0.8 s mid-sentence pause",
         (("Could you remind me", "what we said about the budget for next year?"),),
         voice="en-us+f3",
         words_per_minute=115,
+        inner_pause_secs=0.8,
     ),
     CaseSpec(
         "hesitant_start",
-        "3.5 s of silence, a lone 'um', a 0.5 s pause, then the question",
+        "3.5 s of silence, a lone 'um', a 0.7 s pause, then the question",
         (("Um", "which of these two laptops would you recommend for programming?"),),
         lead_secs=3.5,
         voice="en-us+m3",
+        inner_pause_secs=0.7,
     ),
     CaseSpec(
         "mid_pauses",
-        "received pronunciation, two 0.5 s pauses inside one sentence",
+        "received pronunciation, two 0.6 s pauses inside one sentence",
         (("I was wondering", "whether it would be possible", "to move our meeting to Thursday afternoon."),),
         voice="en-gb-x-rp",
         words_per_minute=150,
+        inner_pause_secs=0.6,
     ),
     CaseSpec(
         "quiet",
@@ -91,10 +96,11 @@ CASES = (
     ),
     CaseSpec(
         "noisy",
-        "Caribbean English voice over white noise at 10 dB SNR, one mid-sentence pause",
+        "Caribbean English voice over white noise at 10 dB SNR, one 0.7 s mid-sentence pause",
         (("Tell me a short story", "about a fox who learns to swim."),),
         voice="en-029",
         noise_snr_db=10.0,
+        inner_pause_secs=0.7,
     ),
     CaseSpec(
         "clicks",
@@ -104,6 +110,7 @@ CASES = (
         lead_secs=3.0,
         gap_secs=3.0,
         clicks_per_sec=5.0,
+        inner_pause_secs=0.9,
     ),
     CaseSpec(
         "beeps",
@@ -116,10 +123,25 @@ CASES = (
     ),
     CaseSpec(
         "hum_fast_pauses",
-        "en-us at 200 wpm over mains hum and fan rumble, two 0.5 s pauses",
+        "en-us at 200 wpm over mains hum and fan rumble, two 0.6 s pauses",
         (("Okay so first", "preheat the oven", "and then what do I do with the butter?"),),
         words_per_minute=200,
         hum=True,
+        inner_pause_secs=0.6,
+    ),
+    CaseSpec(
+        "table_for_two",
+        "en-us male variant, 'I would like to... book a table for two' with a 0.8 s pause, then a yes-or-no question",
+        (("I would like to", "book a table for two."), ("Do you have one at eight?",)),
+        voice="en-us+m1",
+        inner_pause_secs=0.8,
+    ),
+    CaseSpec(
+        "short_answers",
+        "en-gb female variant answering 'Yes.', 'No, thanks.' and 'Sure.', 2 s apart",
+        (("Yes.",), ("No, thanks.",), ("Sure.",)),
+        voice="en-gb+f4",
+        gap_secs=2.0,
     ),
 )
 
@@ -134,15 +156,13 @@ def render(spec: CaseSpec, seed: int) -> tuple[np.ndarray, list[dict[str, float]
         if turn_index:
             parts.append(silence(spec.gap_secs))
             position += len(parts[-1])
-        onset = position
-        for phrase_index, text in enumerate(phrases):
-            if phrase_index:
-                parts.append(silence(spec.inner_pause_secs))
-                position += len(parts[-1])
-            voiced = trim(speak(text, voice=spec.voice, words_per_minute=spec.words_per_minute)) * spec.speech_gain
-            parts.append(voiced)
-            position += len(voiced)
-        truth.append({"speech_start_s": onset / RATE, "speech_end_s": position / RATE})
+        # One sentence, paused where the phrases meet: said in one breath, so the words before a pause sound
+        # unfinished, as a person's do (phrases spoken one by one would each end on a final fall).
+        text = f' <break time="{round(spec.inner_pause_secs * 1000)}ms"/> '.join(phrases)
+        voiced = trim(speak(text, voice=spec.voice, words_per_minute=spec.words_per_minute)) * spec.speech_gain
+        truth.append({"speech_start_s": position / RATE, "speech_end_s": (position + len(voiced)) / RATE})
+        parts.append(voiced)
+        position += len(voiced)
     parts.append(silence(2.5))
     speech = np.concatenate(parts).astype(np.float32)
     background = np.zeros_like(speech)

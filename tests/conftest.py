@@ -3,13 +3,31 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 from pathlib import Path
 
 import pytest
 
+from turn_weights import DOWNLOAD_VARIABLE
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DIR = REPO_ROOT.parent / "shared"
+# Tests never download: the end-of-turn model is used where it was fetched at install (.ci/run does), and the
+# apps and benchmarks the tests start inherit this.
+os.environ[DOWNLOAD_VARIABLE] = "0"
+
+
+@pytest.fixture(scope="session")
+def turn_model():
+    """The real end-of-turn model (Smart Turn v3.2), loaded once; skipped where its weights were not fetched
+    (`python turn_weights.py`)."""
+    from end_of_turn import SharedTurnModel
+
+    model = SharedTurnModel().load_now()
+    if model.problem:
+        pytest.skip(model.problem)
+    return model
 
 
 @pytest.fixture(scope="session")

@@ -18,9 +18,11 @@ def espeak_available() -> bool:
 
 
 def speak(text: str, *, voice: str = "en-us", words_per_minute: int = 160, rate: int = RATE) -> np.ndarray:
-    """Synthesize `text` and return float32 mono samples at `rate` (espeak's own 22.05 kHz resampled by ffmpeg)."""
+    """Synthesize `text` and return float32 mono samples at `rate` (espeak's own 22.05 kHz resampled by ffmpeg).
+    `text` may hold SSML breaks, `<break time="700ms"/>`: a pause inside one sentence keeps the sentence's
+    intonation (it goes on), where phrases spoken separately would each sound finished."""
     wav = subprocess.run(
-        ["espeak-ng", "-v", voice, "-s", str(words_per_minute), "--stdout", text],
+        ["espeak-ng", "-m", "-v", voice, "-s", str(words_per_minute), "--stdout", text],
         check=True,
         capture_output=True,
     ).stdout

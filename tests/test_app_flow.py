@@ -428,8 +428,8 @@ def test_without_barge_in_talking_over_the_reply_does_not_cut_it(
     tmp_path: Path, question: np.ndarray, echo_url: str
 ) -> None:
     handlers, session = Handlers(Backend(server_url=echo_url)), new_session(tmp_path)
-    handlers.options_changed(None, 1.0, 0.3, False)  # before the page has loaded: nothing to change
-    handlers.options_changed(session, 0.8, 0.25, False)
+    handlers.options_changed(None, "quick", True, 1.0, 0.3, False)  # before the page has loaded: nothing to change
+    handlers.options_changed(session, "balanced", True, 0.8, 0.25, False)
     tab = Tab.opened(handlers, session)
     tab.talk(question)
     tab.wait(lambda: bool(tab.frames(1)), "the first reply audio")

@@ -57,15 +57,18 @@ def _mel_to_hz(mel: np.ndarray) -> np.ndarray:
     return hz
 
 
-def mel_filterbank(sample_rate: int = SAMPLE_RATE, n_fft: int = N_FFT, n_mels: int = N_MELS) -> np.ndarray:
-    """The [n_mels, n_fft/2+1] Slaney-normalised triangular filterbank (librosa's `mel` defaults), float32."""
+def mel_filterbank(
+    sample_rate: int = SAMPLE_RATE, n_fft: int = N_FFT, n_mels: int = N_MELS, dtype: type = np.float32
+) -> np.ndarray:
+    """The [n_mels, n_fft/2+1] Slaney-normalised triangular filterbank (librosa's `mel` defaults). float32 is
+    openai-whisper's table; float64 is Hugging Face's WhisperFeatureExtractor's (what Smart Turn was trained on)."""
     fft_freqs = np.linspace(0, sample_rate / 2, 1 + n_fft // 2)
     mel_points = np.linspace(_hz_to_mel(np.array([0.0]))[0], _hz_to_mel(np.array([sample_rate / 2]))[0], n_mels + 2)
     mel_freqs = _mel_to_hz(mel_points)
     widths = np.diff(mel_freqs)
     ramps = mel_freqs[:, None] - fft_freqs[None, :]
-    # float32 storage with the normalisation applied in place, rounding as librosa's own table does.
-    weights = np.zeros((n_mels, len(fft_freqs)), dtype=np.float32)
+    # Stored in `dtype` with the normalisation applied in place: in float32, rounding as librosa's own table does.
+    weights = np.zeros((n_mels, len(fft_freqs)), dtype=dtype)
     for i in range(n_mels):
         lower = -ramps[i] / widths[i]
         upper = ramps[i + 2] / widths[i + 1]
