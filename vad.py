@@ -127,7 +127,7 @@ class VadOptions:
 
 
 # The page's "When to answer": how sure the end-of-turn model must be that a turn is complete, and the silence
-# that ends a turn whatever it says. "balanced" is VadOptions' defaults (see docs/turn-taking in the README).
+# that ends a turn whatever it says. "balanced" is VadOptions' defaults (README: "When does a turn end").
 PATIENCE: dict[str, dict[str, float]] = {
     "quick": {"completion_threshold": 0.4, "fallback_secs": 1.2},
     "balanced": {"completion_threshold": 0.5, "fallback_secs": 1.5},

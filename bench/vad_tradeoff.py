@@ -13,7 +13,8 @@ truth in the cases' manifest (`bench/make_cases.py` writes it, and makes the cas
   merged     a detected turn spanning two true turns
   onset_lost a whole turn whose utterance starts after the true onset (first syllable clipped)
   delay      turn_end_s minus the true end of speech, for turns found whole: median and worst
-  model      end-of-turn model calls per true turn, their ms per call, and the detector's CPU ms per turn
+  model      end-of-turn model calls per true turn, their ms per call, and the detector's CPU ms per turn and
+             per audio second (silero and the model together)
 
 Settings: silence alone at each --pause-secs, and the model at each --thresholds x --fallback-secs x --resume-secs
 (labelled "model THRESHOLD / FALLBACK / RESUME"). Each case is
@@ -130,7 +131,7 @@ def main() -> None:
     print(f"{'setting':>22} {'turns':>5} {'missed':>6} {'cut':>4} {'resumed':>7} {'extra':>5} {'merged':>6} {'onset':>5} "
           f"{'median':>6} {'worst':>6} {'calls/turn':>10} {'ms/call':>7} {'cpu ms/turn':>11}")
     for label, options in settings(args):
-        total, delays, cpu_ms, calls, model_ms = Score(), [], 0.0, 0, 0.0
+        total, delays, cpu_ms, calls, model_ms, audio_s = Score(), [], 0.0, 0, 0.0, 0.0
         for case in cases:
             for offset in args.offsets:
                 rate, samples = audio[case["name"]]
@@ -141,6 +142,7 @@ def main() -> None:
                 total.add(score)
                 delays += case_delays
                 cpu_ms += measured.cpu_ms_per_audio_s * len(samples) / rate
+                audio_s += len(samples) / rate
                 calls += measured.model_calls
                 model_ms += measured.model_ms
                 if args.details:
@@ -160,6 +162,7 @@ def main() -> None:
             "model_calls_per_turn": round(calls / total.turns, 2),
             "model_ms_per_call": round(model_ms / calls, 1) if calls else None,
             "cpu_ms_per_turn": round(cpu_ms / total.turns, 1),
+            "cpu_ms_per_audio_s": round(cpu_ms / audio_s, 1),
         }
         grid.append(row)
         print(f"{label:>22} {total.turns:>5} {total.missed:>6} {total.cut_offs:>4} {total.resumed:>7} {total.extra:>5} {total.merged:>6} "

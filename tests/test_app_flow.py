@@ -31,6 +31,7 @@ import live_protocol as wire
 from app import Handlers, Session
 from audio_files import TurnFiles
 from backend import Backend
+from end_of_turn import SharedTurnModel
 from live_link import LiveLink, status_line
 from omni_client import REPLY_SAMPLE_RATE, fetch_health
 from omni_server.echo import EchoEngine
@@ -624,3 +625,37 @@ def test_the_launched_server_reports_progress_restarts_when_it_dies_and_stops_wi
     finally:
         backend.close()
     assert restarted.wait(timeout=10) is not None, "closing the app stops the server"
+
+
+def test_without_its_end_of_turn_model_the_page_says_turns_end_on_silence(tmp_path: Path, echo_url: str) -> None:
+    missing = SharedTurnModel(tmp_path / "absent.onnx", fetch=False).load_now()
+    handlers = Handlers(Backend(server_url=echo_url), turn_model=missing)
+    session, _, server_line = handlers.page_loaded()
+    assert "End of turn: after a pause of silence. The end-of-turn model is unavailable (" in server_line
+    outputs: list[tuple] = []
+    follower = follow(handlers.start(session), outputs)
+    wait_for(lambda: bool(outputs), what="the token")
+    Tab.opened(handlers, session)
+    wait_for(lambda: len(outputs) > 1, what="the listening line")
+    assert outputs[-1][2].startswith("Listening") and "unavailable" in outputs[-1][2]
+    assert outputs[-1][2].endswith("your turn ends after 0.8 s of silence.)")
+    handlers.stop(session)
+    follower.join(timeout=5)
+
+    handlers.options_changed(session, "balanced", False, 0.8, 0.25, True)
+    assert session.conversation.options.semantic is False
+    assert "unavailable" not in handlers.stop(session)[1], "no such note when the model is turned off"
+
+
+def test_a_turn_the_model_ended_too_soon_is_cut_in_on_and_answered_whole(tmp_path: Path, echo_url: str) -> None:
+    """The model judges every pause finished (scripted): "I would like to" is answered, the user goes on, that
+    reply is silenced, and the next turn holds the whole sentence."""
+    handlers = Handlers(Backend(server_url=echo_url))
+    session = Session(conversation=Conversation(completion=lambda audio: 0.9), files=TurnFiles(tmp_path))
+    tab = Tab.opened(handlers, session)
+    first, rest = trim(speak("I would like to")), trim(speak("book a table for two."))
+    tab.hear(join(silence(0.5), first, silence(0.9), rest, silence(2.0)), until=lambda: len(tab.texts("turn")) == 2)
+    assert [message["turn"] for message in tab.texts("flush")] == [1], "the early answer is silenced"
+    whole = wav_seconds(tab.user_wav(2))
+    assert whole > (len(first) + len(rest)) / 16_000 + 0.9, "the second turn holds the first words too"
+    tab.play(2)
