@@ -12,39 +12,33 @@ the model is asked once the pause reaches `check_secs` (and again at `recheck_se
 judges the turn complete, else after `fallback_secs` of silence whatever it says. With `semantic` off, or while
 the model is unavailable, the turn ends after `pause_secs` of silence.
 
-Cost: the windows of one chunk go through silero's convolutional front end as one batch; only its small LSTM
-runs window by window. The probabilities equal the stock one-window-at-a-time model's (tests check this), at a
-fraction of the CPU, and the cost per audio second does not grow with the length of the utterance.
-
-Threads: `import silero_vad` calls `torch.set_num_threads(1)` for the whole process. This module restores the
-thread count that was set before, so importing it does not slow other torch models in the app. The model calls
-themselves run on one dedicated thread set to a single torch thread (see `_model_thread`).
+Cost: silero-vad's own ONNX model (shipped in its wheel) is run by onnxruntime, one window per call with its
+recurrent state carried by hand. The page sends one window per frame, so the per-call overhead is the cost:
+0.27 ms a window here against 2.7 ms for the torch model called the same way (measured side by side, 2-core
+machine), and the cost per audio second does not grow with the length of the utterance. The probabilities are
+the stock model's (tests check this). torch is not imported: `import silero_vad` would set torch's thread
+count to 1 for the whole process, so this module only reads the model file out of that package.
 """
 
 from __future__ import annotations
 
 import enum
 import functools
+import importlib.util
 import math
-import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, ClassVar
 
 import numpy as np
+import onnxruntime
 import soxr
-import torch
-
-_threads_before_silero = torch.get_num_threads()
-import silero_vad  # noqa: E402  (sets torch's thread count to 1, undone just below)
-
-torch.set_num_threads(_threads_before_silero)
 
 VAD_SAMPLE_RATE = 16_000
 WINDOW_SAMPLES = 512  # silero-vad's window at 16 kHz: 32 ms
 _CONTEXT_SAMPLES = 64  # silero-vad prepends the last 64 samples of the previous window to each window
-_BATCH_WINDOWS = 32  # windows scored per model call (about 1 s), so a huge chunk stops soon after a turn ends
+_BATCH_WINDOWS = 32  # windows scored per step of `feed` (about 1 s), so a huge chunk stops soon after a turn ends
 _MIN_RATE, _MAX_RATE = 8_000, 96_000
 _MODEL_WINDOW_SAMPLES = 8 * 16_000  # the end-of-turn model hears at most the turn's last 8 s
 _MAX_CHANNELS = 8
@@ -177,82 +171,45 @@ class Utterance:
         return len(self.audio) / VAD_SAMPLE_RATE
 
 
-@dataclass(frozen=True)
-class _SileroParts:
-    """The silero-vad network split where batching pays: everything but the LSTM is per-window, so it runs
-    on a whole batch of windows at once; the LSTM (the only recurrence) runs over them as a sequence."""
-
-    network: torch.jit.ScriptModule  # run_extractors (STFT) -> encoder (4 conv blocks) -> decoder.decoder (head)
-    lstm: torch.nn.LSTM  # carries the network's own LSTM cell weights
-
-
 @functools.cache
-def _silero_parts() -> _SileroParts:
-    """Load the model once per process (about 40 ms); each detector carries its own recurrent state."""
-    network = silero_vad.load_silero_vad()._model  # the 16 kHz network inside silero's stateful wrapper
-    cell = network.decoder.rnn
-    lstm = torch.nn.LSTM(input_size=cell.weight_ih.shape[1], hidden_size=cell.weight_hh.shape[1])
-    with torch.no_grad():
-        lstm.weight_ih_l0.copy_(cell.weight_ih)
-        lstm.weight_hh_l0.copy_(cell.weight_hh)
-        lstm.bias_ih_l0.copy_(cell.bias_ih)
-        lstm.bias_hh_l0.copy_(cell.bias_hh)
-    return _SileroParts(network=network, lstm=lstm.eval())
-
-
-@functools.cache
-def _model_thread() -> ThreadPoolExecutor:
-    """The one thread that runs every detector's model calls, with torch set to one intra-op thread there.
-
-    silero's batches are too small to share across threads (extra threads only spin: 3-15x the CPU on a busy
-    2-core machine), and torch's thread count is per thread once set off the main thread, so setting it here
-    touches nothing else. Switching it back and forth around each call instead would cost about 0.5 ms a call
-    (torch clears its oneDNN cache on every change). One thread serves many sessions: a 0.5 s chunk takes
-    about 1.5 ms.
-    """
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="vad-model", initializer=torch.set_num_threads, initargs=(1,))
-
-
-os.register_at_fork(after_in_child=_model_thread.cache_clear)  # a forked child has no such thread: make its own
+def _silero_session() -> onnxruntime.InferenceSession:
+    """silero-vad's ONNX model, loaded once per process; every detector carries its own recurrent state.
+    Found without importing the silero_vad package (its import sets torch's thread count process-wide)."""
+    spec = importlib.util.find_spec("silero_vad")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("silero-vad is not installed (pip install -r requirements.txt)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "silero_vad.onnx"
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1  # a window is too small to share across threads
+    options.inter_op_num_threads = 1
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 class SpeechScorer:
-    """Silero speech probability of consecutive 512-sample windows at 16 kHz, state carried across calls.
+    """Silero speech probability of consecutive 512-sample windows at 16 kHz, state carried across calls:
+    the stock model called on each window in turn. Safe to use from any thread (one scorer per stream)."""
 
-    Matches calling the stock model on each window in turn, but scores a batch of windows per call.
-    """
+    _RATE = np.array(VAD_SAMPLE_RATE, dtype=np.int64)
 
     def __init__(self) -> None:
-        self._parts = _silero_parts()
+        self._session = _silero_session()
         self.reset()
 
     def reset(self) -> None:
         self._context = np.zeros(_CONTEXT_SAMPLES, dtype=np.float32)
-        hidden = self._parts.lstm.hidden_size
-        self._lstm_state = (torch.zeros(1, 1, hidden), torch.zeros(1, 1, hidden))
+        self._state = np.zeros((2, 1, 128), dtype=np.float32)
 
     def score(self, samples: np.ndarray) -> np.ndarray:
         """Probabilities for `samples` (float32, a whole number of windows), one per window."""
         count = len(samples) // WINDOW_SAMPLES
-        if count == 0:
-            return np.zeros(0, dtype=np.float32)
-        with_context = np.concatenate([self._context, samples[: count * WINDOW_SAMPLES]])
-        frames = np.lib.stride_tricks.sliding_window_view(with_context, _CONTEXT_SAMPLES + WINDOW_SAMPLES)
-        frames = np.array(frames[::WINDOW_SAMPLES])  # a writable copy: torch refuses to wrap a read-only view
-        probabilities, self._lstm_state = _model_thread().submit(self._run, frames, self._lstm_state).result()
-        self._context = with_context[-_CONTEXT_SAMPLES:].copy()
+        probabilities = np.zeros(count, dtype=np.float32)
+        for index in range(count):
+            window = samples[index * WINDOW_SAMPLES : (index + 1) * WINDOW_SAMPLES]
+            model_input = np.concatenate([self._context, window])[None]
+            output, self._state = self._session.run(None, {"input": model_input, "state": self._state, "sr": self._RATE})
+            probabilities[index] = output[0, 0]
+            self._context = window[-_CONTEXT_SAMPLES:].copy()
         return probabilities
-
-    def _run(
-        self, frames: np.ndarray, lstm_state: tuple[torch.Tensor, torch.Tensor]
-    ) -> tuple[np.ndarray, tuple[torch.Tensor, torch.Tensor]]:
-        count = len(frames)
-        network = self._parts.network
-        with torch.inference_mode():
-            features = network.encoder(network.run_extractors(torch.from_numpy(frames)))  # (count, 128, 1)
-            hidden, lstm_state = self._parts.lstm(features.reshape(count, 1, -1), lstm_state)
-            probabilities = network.decoder.decoder(hidden.reshape(count, -1, 1)).reshape(count)
-        return probabilities.numpy(), lstm_state
 
 
 def to_mono_float(samples: np.ndarray) -> np.ndarray:

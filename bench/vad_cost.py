@@ -11,12 +11,15 @@ int16 chunks of 0.5 s, as a browser microphone sends it:
 Also reported, as this machine's yardstick: the stock silero model called window by window on 16 kHz audio
 (the issue's "silero floor", about 2.5 ms per audio second on the machine it was measured on).
 
-All run with one torch thread (what `import silero_vad` sets, and what the detector uses for its calls).
+Also the detector fed the live page's 32 ms frames (one window per frame, so the per-call cost is what counts).
+The torch models run with one torch thread (what `import silero_vad` sets); the detector runs silero's ONNX
+model with one onnxruntime thread.
 CPU time is the process's (time.process_time). The machine may be shared and noisy: compare the numbers of one
 run with each other. Whole-buffer chunks are independent of each other (fresh state every time), so for long
 recordings only every k-th chunk is timed and the sum scaled by k (`whole_buffer_chunk_stride`; --full times all).
 
 Last line: {"detector": {"5": ms, "30": ms, "120": ms}, "whole_buffer": {...}, "stock_silero_window_by_window": ms,
+            "detector_32ms_frames": ms,
             "detector_120_vs_5": ratio, "whole_buffer_120_vs_5": ratio,
             "detector_120s_by_20s_segment": [ms, ...] (the 120 s utterance's chunks, median per 20 s), ...}
 """
@@ -39,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import silero_vad  # noqa: E402
 
 from tests.speech import RATE, join, silence, speak, to_int16, trim  # noqa: E402
-from turn_latency import measure  # noqa: E402  (bench/ is on sys.path: it is this script's folder)
+from turn_latency import APP_CHUNK_SECS, measure  # noqa: E402  (bench/ is on sys.path: it is this script's folder)
 from vad import PauseDetector, VadOptions  # noqa: E402
 
 LENGTHS = (5, 30, 120)
@@ -65,11 +68,11 @@ def monologue(seconds: float) -> np.ndarray:
     return to_int16(soxr.resample(speech, RATE, MIC_RATE))
 
 
-def detector_ms_per_s(audio: np.ndarray) -> tuple[float, int]:
+def detector_ms_per_s(audio: np.ndarray, chunk_secs: float = CHUNK_SECS) -> tuple[float, int]:
     """CPU ms per audio second of the streaming detector, measured as bench/turn_latency.py does, and the
     turns it ended (0 expected: the whole recording is one turn in progress)."""
-    turns, cost = measure(MIC_RATE, audio, CHUNK_SECS, ONE_LONG_TURN)
-    return cost, len(turns)
+    measured = measure(MIC_RATE, audio, chunk_secs, ONE_LONG_TURN, completion=None)
+    return measured.cpu_ms_per_audio_s, len(measured.turns)
 
 
 def detector_cost_along(audio: np.ndarray, segment_secs: float = 20.0) -> list[float]:
@@ -139,6 +142,7 @@ def main() -> None:
     audio = {seconds: monologue(seconds) for seconds in LENGTHS}
     detector_ms_per_s(audio[5])  # warm-up: a new process's first model calls are slow
     stock = stock_window_by_window_ms_per_s(audio[30])
+    page_frames = statistics.median(detector_ms_per_s(audio[30], APP_CHUNK_SECS)[0] for _ in range(args.repeats))
     runs: dict[int, list[float]] = {seconds: [] for seconds in LENGTHS}
     turns: dict[str, int] = {}
     for _ in range(args.repeats):  # round robin, so a change in the machine's load hits every length alike
@@ -151,13 +155,14 @@ def main() -> None:
     whole_buffer = {str(s): round(whole_buffer_ms_per_s(audio[s], strides[str(s)]), 3) for s in LENGTHS}
     for seconds in LENGTHS:
         print(f"{seconds:>4} s: detector {detector[str(seconds)]} ms/s, whole buffer {whole_buffer[str(seconds)]} ms/s")
-    print(f"stock silero, window by window: {stock:.3f} ms/s")
+    print(f"stock silero, window by window: {stock:.3f} ms/s; the detector on the page's 32 ms frames: {page_frames:.3f} ms/s")
     print(
         json.dumps(
             {
                 "detector": detector,
                 "whole_buffer": whole_buffer,
                 "stock_silero_window_by_window": round(stock, 3),
+                "detector_32ms_frames": round(page_frames, 3),
                 "detector_120_vs_5": round(detector["120"] / detector["5"], 2),
                 "whole_buffer_120_vs_5": round(whole_buffer["120"] / whole_buffer["5"], 2),
                 f"detector_{LENGTHS[-1]}s_by_20s_segment": along,
