@@ -31,7 +31,6 @@ from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import gradio as gr  # noqa: E402
-import numpy as np  # noqa: E402
 import uvicorn  # noqa: E402
 from fastapi import FastAPI  # noqa: E402
 from fastapi.staticfiles import StaticFiles  # noqa: E402
@@ -46,7 +45,8 @@ from live_route import LiveTokens, add_live_route  # noqa: E402
 from replying import ReplySettings, end_conversation, whole_reply  # noqa: E402
 from end_of_turn import SharedTurnModel  # noqa: E402
 from state import Conversation, Phase  # noqa: E402
-from vad import PATIENCE, AudioInputError, VadOptions, turn_options  # noqa: E402
+from omni_server.audio_decode import DecoderUnavailable, UndecodableAudio  # noqa: E402
+from vad import PATIENCE, VadOptions, turn_options  # noqa: E402
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 DEFAULT_VAD = VadOptions()
@@ -54,6 +54,7 @@ DEFAULT_PATIENCE = "balanced"  # VadOptions' own defaults
 SERVER_CHECK_S = 1.0  # how often a tab refreshes the model server's line (loading progress, restarts)
 CONNECT_TIMEOUT_S = 10.0  # the page has this long to open its live channel after Start
 FOLLOW_POLL_S = 0.05  # how often a conversation's follower looks for changes to show (a version number)
+MAX_UPLOAD_BYTES = 16 * 1024 * 1024  # a question for the `chat` API: 30 s of 48 kHz stereo float WAV is 11.5 MB
 STOP_GRACE_S = 1.0  # Stop waits this long for the page's own stop over the socket (which knows what was heard)
 
 PREPARE_JS = "() => window.omniLive.prepare()"
@@ -180,15 +181,19 @@ class Handlers:
         session.link = link
         return link
 
-    def api_chat(self, audio: tuple[int, np.ndarray] | None) -> tuple[str | None, str]:
-        """For programs: a whole spoken turn in, the whole spoken reply (MP3) and its text out."""
-        if audio is None:
+    def api_chat(self, question_path: str | None) -> tuple[str | None, str]:
+        """For programs: a whole spoken question (an audio file) in, the whole spoken reply (MP3) and its text
+        out. Gradio hands over the file undecoded; its size, rate and length are checked before decoding."""
+        if question_path is None:
             raise gr.Error("Send an audio file with the question.")
+        path = Path(question_path)
+        if path.stat().st_size > MAX_UPLOAD_BYTES:
+            raise gr.Error(f"The audio file is larger than {MAX_UPLOAD_BYTES // (1024 * 1024)} MiB.")
         try:
-            mp3, text = whole_reply(self.backend, *audio, self._next_api_mp3, self.settings)
+            mp3, text = whole_reply(self.backend, path.read_bytes(), self._next_api_mp3, self.settings)
         except omni_client.ReplyError as error:
             raise gr.Error(error.message) from error
-        except AudioInputError as error:
+        except (UndecodableAudio, DecoderUnavailable) as error:
             raise gr.Error(str(error)) from error
         return (str(mp3) if mp3 is not None else None), text
 
@@ -296,7 +301,7 @@ def build_demo(handlers: Handlers) -> gr.Blocks:
         stop.click(None, None, None, js=STOP_JS)
         stop.click(handlers.stop, [session], [chatbot, status], cancels=[following], **quiet)
 
-        api_question = gr.Audio(type="numpy", visible=False)
+        api_question = gr.Audio(type="filepath", format=None, visible=False)  # undecoded: api_chat checks it
         api_answer = gr.Audio(type="filepath", visible=False)
         api_text = gr.Textbox(visible=False)
         api_trigger = gr.Button(visible=False)
@@ -312,7 +317,7 @@ def create_app(handlers: Handlers) -> FastAPI:
     add_live_route(app, handlers.tokens, handlers.open_link, path="/live")
     app.mount("/live-client", StaticFiles(directory=WEB_DIR), name="live-client")
     demo = build_demo(handlers).queue(default_concurrency_limit=4)
-    return gr.mount_gradio_app(app, demo, path="/")
+    return gr.mount_gradio_app(app, demo, path="/", max_file_size=MAX_UPLOAD_BYTES)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -16,13 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
 
 import omni_client
 from audio_files import TurnFiles, encode_mp3
 from history import TurnFigures, assistant_turn, user_turn
+from omni_server.audio_decode import UndecodableAudio, decode_audio_file
+from omni_server.engine import INPUT_SAMPLE_RATE, MAX_INPUT_SECONDS
 from state import Conversation, HeardTurn, Reply
-from vad import VAD_SAMPLE_RATE, to_mono_float
+from vad import VAD_SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
@@ -135,14 +136,18 @@ def _request_reply(
 
 def whole_reply(
     server: ModelServer,
-    sample_rate: int,
-    samples: np.ndarray,
+    question: bytes,
     mp3_path_for: Callable[[], Path],
     settings: ReplySettings,
 ) -> tuple[Path | None, str]:
-    """For programs (the `chat` API): one whole question in; the reply's MP3 (None without audio) and text out.
-    Raises omni_client.ReplyError with a plain sentence when the server fails."""
-    wav = omni_client.utterance_wav(to_mono_float(samples), sample_rate)
+    """For programs (the `chat` API): one whole question (an audio file's bytes) in; the reply's MP3 (None
+    without audio) and text out. The file is decoded as the server decodes requests (bounded: see
+    omni_server.audio_decode). Raises UndecodableAudio, DecoderUnavailable or omni_client.ReplyError, each
+    with a plain sentence."""
+    samples = decode_audio_file(question, max_seconds=MAX_INPUT_SECONDS)
+    if samples.size == 0:
+        raise UndecodableAudio("The audio file contains no sound samples.")
+    wav = omni_client.utterance_wav(samples, INPUT_SAMPLE_RATE)
     pcm, text = bytearray(), ""
     for piece in _request_reply(server, wav, settings):
         if isinstance(piece, omni_client.ReplyAudio):

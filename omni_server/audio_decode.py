@@ -1,4 +1,4 @@
-"""Request audio → 16 kHz mono float32, decoded exactly as the reference does it.
+"""Request audio → 16 kHz mono float32, decoded exactly as the reference does it, within bounds.
 
 The reference writes the upload to a file and runs ``ffmpeg -f s16le -ac 1 -ar 16000`` on it, then scales
 int16 by 1/32768. The mini-omni engine's golden test depends on those exact samples, so we do the same; the
@@ -7,6 +7,12 @@ temp file that is always deleted (same ".wav" suffix, so ffmpeg probes it the sa
 the one format clients send most (the app included): a plain 16-bit mono 16 kHz PCM WAV, whose samples
 ffmpeg would pass through unchanged, is read directly. That saves starting ffmpeg, about 0.1 s of every
 turn's wait on a 2-core machine; tests check both paths give the same samples.
+
+Bounds, for an app open to anyone (the app's `chat` API decodes its uploads here too): a WAV's header is read
+first, and a sample rate outside 8-96 kHz or a length over the limit is refused before anything is decoded or
+resampled (a 60 KB WAV whose header says 1 Hz would otherwise resample to gigabytes). ffmpeg reads only the
+container formats in AUDIO_FORMATS and only the one temporary file: an ffconcat script or a playlist sent as
+"audio" would otherwise make it open files beside that file and send them back as the question.
 """
 
 from __future__ import annotations
@@ -23,10 +29,18 @@ import numpy as np
 from omni_server.engine import INPUT_SAMPLE_RATE
 
 FFMPEG_TIMEOUT_S = 30.0
+MIN_RATE, MAX_RATE = 8_000, 96_000
+# ffmpeg demuxers a question may come in: WAV and its kin, FLAC, MP3, AAC, Ogg (Vorbis/Opus), Matroska/WebM
+# (what Chrome and Firefox record) and MP4/M4A (what Safari records). No concat, playlist or image demuxers.
+AUDIO_FORMATS = "wav,w64,aiff,caf,au,flac,mp3,aac,ogg,matroska,webm,mov,mp4,m4a"
 
 
 class UndecodableAudio(ValueError):
     """The uploaded bytes are not audio ffmpeg can read (the client's fault: a 4xx)."""
+
+
+class AudioTooLong(UndecodableAudio):
+    """The audio is longer than the limit (known from its header, before decoding)."""
 
 
 class DecoderUnavailable(RuntimeError):
@@ -51,6 +65,7 @@ def decode_audio_file(data: bytes, *, max_seconds: float) -> np.ndarray:
     """
     if not data:
         raise UndecodableAudio("The audio file is empty.")
+    _check_wav_header(data, max_seconds)
     pcm = _plain_wav_pcm(data)
     if pcm is not None:
         return _scaled(pcm[: round((max_seconds + 1.0) * INPUT_SAMPLE_RATE) * 2])
@@ -59,6 +74,7 @@ def decode_audio_file(data: bytes, *, max_seconds: float) -> np.ndarray:
         upload.flush()
         command = [
             "ffmpeg", "-nostdin", "-loglevel", "error", "-threads", "0",
+            "-format_whitelist", AUDIO_FORMATS, "-protocol_whitelist", "file",
             "-i", upload.name,
             "-t", f"{max_seconds + 1.0:.3f}",
             "-f", "s16le", "-ac", "1", "-acodec", "pcm_s16le", "-ar", str(INPUT_SAMPLE_RATE), "-",
@@ -76,6 +92,38 @@ def decode_audio_file(data: bytes, *, max_seconds: float) -> np.ndarray:
         detail = f" ({reason[-1]})" if reason else ""
         raise UndecodableAudio(f"The audio could not be decoded{detail}.")
     return _scaled(result.stdout[: len(result.stdout) // 2 * 2])
+
+
+def _check_wav_header(data: bytes, max_seconds: float) -> None:
+    """Refuse a WAV whose header gives a rate outside 8-96 kHz or a length over `max_seconds` (other formats,
+    and WAVs of unknown length, are bounded by ffmpeg's `-t`)."""
+    header = _wav_header(data)
+    if header is None:
+        return
+    rate, block_align, data_bytes = header
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise UndecodableAudio(
+            f"The audio's sample rate is {rate} Hz; rates from {MIN_RATE // 1000} to {MAX_RATE // 1000} kHz are supported."
+        )
+    if block_align and data_bytes != 0xFFFFFFFF and data_bytes / block_align / rate > max_seconds:
+        raise AudioTooLong(f"The audio is longer than {max_seconds:g} seconds.")
+
+
+def _wav_header(data: bytes) -> tuple[int, int, int] | None:
+    """(sample rate, bytes per frame, data chunk size) from a RIFF/WAVE header; None if it is not one."""
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return None
+    position, rate, block_align = 12, None, 0
+    while position + 8 <= len(data):
+        kind, size = data[position : position + 4], int.from_bytes(data[position + 4 : position + 8], "little")
+        body = data[position + 8 : position + 8 + size]
+        if kind == b"fmt " and len(body) >= 16:
+            rate = int.from_bytes(body[4:8], "little")
+            block_align = int.from_bytes(body[12:14], "little")
+        elif kind == b"data":
+            return None if rate is None else (rate, block_align, size)
+        position += 8 + size + (size & 1)  # chunks are padded to an even length
+    return None
 
 
 def _plain_wav_pcm(data: bytes) -> bytes | None:

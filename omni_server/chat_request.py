@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from omni_server.audio_decode import UndecodableAudio, decode_audio_file, decode_base64
+from omni_server.audio_decode import AudioTooLong, UndecodableAudio, decode_audio_file, decode_base64
 from omni_server.engine import INPUT_SAMPLE_RATE, MAX_INPUT_SECONDS, ChatRequest
 
 # 30 s of 48 kHz stereo float32 WAV is 11.5 MB; base64 makes it 15.4 MB. 16 MiB admits that and little more.
@@ -71,6 +71,8 @@ def decode_request(fields: ChatFields) -> ChatRequest:
     """Decode the audio (blocking: runs ffmpeg) and enforce the length limit."""
     try:
         audio = decode_audio_file(fields.upload, max_seconds=MAX_INPUT_SECONDS)
+    except AudioTooLong as error:
+        raise BadRequest(413, str(error)) from error
     except UndecodableAudio as error:
         raise BadRequest(422, str(error)) from error
     if audio.size == 0:

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import gradio as gr
 import numpy as np
 import pytest
 from pydub import AudioSegment
@@ -659,3 +660,35 @@ def test_a_turn_the_model_ended_too_soon_is_cut_in_on_and_answered_whole(tmp_pat
     whole = wav_seconds(tab.user_wav(2))
     assert whole > (len(first) + len(rest)) / 16_000 + 0.9, "the second turn holds the first words too"
     tab.play(2)
+
+
+def test_the_chat_api_refuses_what_is_not_a_question_in_a_sentence(tmp_path: Path, echo_url: str) -> None:
+    """Checked before anything is decoded: a 60 KB WAV whose header says 1 Hz once resampled to gigabytes."""
+    import resource
+
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    handlers = Handlers(Backend(server_url=echo_url))
+    one_hertz = write_wav(tmp_path / "one_hertz.wav", np.zeros(30_000, np.float32), rate=1)
+    ten_minutes = write_wav(tmp_path / "ten_minutes.wav", np.zeros(600 * 8_000, np.float32), rate=8_000)
+    text = tmp_path / "notes.wav"
+    text.write_text("these are my notes, not a recording")
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for path, sentence in [(one_hertz, "sample rate is 1 Hz; rates from 8 to 96 kHz are supported"),
+                           (ten_minutes, "longer than 30 seconds"), (text, "could not be decoded")]:
+        with pytest.raises(gr.Error, match=sentence):
+            handlers.api_chat(str(path))
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 100 * 1024, "peak memory grew < 100 MB"
+    with pytest.raises(gr.Error, match="Send an audio file"):
+        handlers.api_chat(None)
+
+    demo = app.build_demo(handlers)
+    port = free_port()
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}", verbose=False)
+        with pytest.raises(AppError, match="could not be decoded"):
+            client.predict(handle_file(str(text)), api_name="/chat")
+    finally:
+        demo.close()

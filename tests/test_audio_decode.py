@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +32,42 @@ def test_any_rate_becomes_16k_mono_scaled_by_1_over_32768() -> None:
     assert np.all(np.abs(audio[100:-100] - round(0.25 * 32767) / 32768) < 1e-3)
 
 
+def encoded(wav: bytes, extension: str) -> bytes:
+    """`wav` re-encoded by ffmpeg into the container `extension` names."""
+    args = {"m4a": ["-c:a", "aac", "-movflags", "frag_keyframe+empty_moov"], "webm": ["-c:a", "libopus"], "ogg": ["-c:a", "libvorbis"]}
+    return subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-f", "wav", "-i", "pipe:0",
+                           *args.get(extension, []), "-f", {"m4a": "ipod"}.get(extension, extension), "pipe:1"],
+                          input=wav, capture_output=True, check=True).stdout
+
+
 def test_decoding_stops_one_second_past_the_limit() -> None:
-    audio = decode_audio_file(wav_bytes(silence(5.0)), max_seconds=2.0)
+    audio = decode_audio_file(encoded(wav_bytes(silence(5.0)), "flac"), max_seconds=2.0)
     assert len(audio) == 3 * 16_000
+
+
+def test_a_wav_is_judged_by_its_header_before_anything_is_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(audio_decode.subprocess, "run", lambda *a, **k: pytest.fail("ffmpeg was started"))
+    with pytest.raises(audio_decode.AudioTooLong, match="longer than 2 seconds"):
+        decode_audio_file(wav_bytes(silence(5.0), rate=8_000), max_seconds=2.0)
+    one_hertz = wav_bytes(np.zeros(30_000, np.float32), rate=1)  # 60 KB that would resample to 8 minutes
+    with pytest.raises(UndecodableAudio, match="sample rate is 1 Hz; rates from 8 to 96 kHz are supported"):
+        decode_audio_file(one_hertz, max_seconds=30.0)
+
+
+@pytest.mark.parametrize("extension", ["flac", "mp3", "ogg", "webm", "m4a", "wav"])
+def test_the_formats_people_send_are_decoded(extension: str) -> None:
+    tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(48_000) / 48_000)).astype(np.float32)
+    audio = decode_audio_file(encoded(wav_bytes(tone, rate=48_000), extension), max_seconds=30.0)
+    assert abs(len(audio) - 16_000) < 1_200 and 0.15 < np.abs(audio).max() < 0.35
+
+
+def test_a_playlist_sent_as_audio_opens_no_other_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ffconcat script names a file beside the upload; ffmpeg must not read it back as the question."""
+    monkeypatch.setattr(audio_decode.tempfile, "tempdir", str(tmp_path))
+    (tmp_path / "secret.wav").write_bytes(wav_bytes(np.full(16_000, 0.5, np.float32)))
+    script = b"ffconcat version 1.0\nfile 'secret.wav'\n"
+    with pytest.raises(UndecodableAudio, match="could not be decoded"):
+        decode_audio_file(script, max_seconds=30.0)
 
 
 def test_undecodable_and_bad_base64_are_plain_errors() -> None:
@@ -55,5 +89,5 @@ def test_a_plain_16k_wav_is_read_directly_with_the_samples_ffmpeg_gives(monkeypa
     monkeypatch.undo()
     started = []
     monkeypatch.setattr(audio_decode.subprocess, "run", lambda *a, **k: started.append(a) or None)
-    assert len(decode_audio_file(wav, max_seconds=0.1)) == 17_600, "the shortcut keeps the duration cap (+1 s)"
+    assert len(decode_audio_file(wav, max_seconds=30.0)) == 20_000
     assert not started, "a plain 16 kHz WAV does not start ffmpeg"
