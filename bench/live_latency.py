@@ -25,6 +25,8 @@ Figures (seconds unless named otherwise):
   reply is never silent while it plays); slow_model: the same against an echo engine paced 1.34x slower than
   real time (mini-omni in fp32 on this 2-core CPU), with the player's stalls.
 - tabs: 4 browsers talking at once, each with a question of its own length; each must hear its own reply.
+- live_silence_only: the live path's turns again, with the end-of-turn model missing (turns end on 0.8 s of
+  silence), for the ratio model / silence alone.
 - cpu: app CPU per listening tab (percent of one core), beside an idle page, over --cpu-seconds; and the
   microphone path alone in this process (cpu_hear_in_process), which a busy machine cannot blur.
 
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -49,6 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
+import turn_weights  # noqa: E402
 from tests import browser_harness as harness  # noqa: E402
 from tests.sound_capture import PulseAudio, private_pulse, recording  # noqa: E402
 from tests.speech import join, silence, speak, trim, write_wav  # noqa: E402
@@ -306,9 +310,13 @@ def main() -> None:
     parser.add_argument("--cpu-seconds", type=float, default=15.0)
     parser.add_argument("--skip-old", action="store_true", help="measure the live path only")
     parser.add_argument("--barge-in-runs", type=int, default=3)
+    parser.add_argument("--skip-silence-only", action="store_true",
+                        help="skip the live path's turns with the end-of-turn model missing (silence alone)")
     args = parser.parse_args()
     OUTPUT.mkdir(parents=True, exist_ok=True)
-    result: dict = {}
+    os.environ[turn_weights.DOWNLOAD_VARIABLE] = "0"  # the apps use the model where it was fetched, or none
+    result: dict = {"turn_model": str(turn_weights.default_path()) if turn_weights.is_verified(
+        turn_weights.default_path()) else None}
     with private_pulse() as pulse:
         with harness.running_app(OUTPUT / "live-app.log") as app:
             cut_ins = [barge_in(app, pulse) for _ in range(args.barge_in_runs)]
@@ -322,6 +330,12 @@ def main() -> None:
                     "cpu_4_tabs": cpu(app, pulse, False, args.cpu_seconds, 4)}
         result["live"] = live
         print(json.dumps({"live": live}), flush=True)
+        if not args.skip_silence_only:
+            missing = OUTPUT / "no-turn-model.onnx"
+            with harness.running_app(OUTPUT / "silence-app.log", "--turn-model", str(missing)) as app:
+                result["live_silence_only"] = {"turns": turns(app, pulse, old=False)}
+            result["speech_end_to_sound_median_ratio_model_over_silence"] = round(
+                live["turns"]["median_s"] / result["live_silence_only"]["turns"]["median_s"], 3)
         if not args.skip_old:
             with old_checkout(args.old_commit) as folder, \
                     harness.running_app(OUTPUT / "old-app.log", app_dir=folder) as app:
