@@ -45,6 +45,10 @@ def parse_fields(body: bytes) -> ChatFields:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise BadRequest(400, "The request body is not valid JSON.") from error
+    except RecursionError as error:  # nested thousands of levels deep
+        raise BadRequest(400, "The request body is nested too deeply.") from error
+    except ValueError as error:  # an integer of thousands of digits (Python's conversion limit)
+        raise BadRequest(400, "The request body holds a number too long to read.") from error
     if not isinstance(data, dict):
         raise BadRequest(400, "The request body must be a JSON object.")
     audio = data.get("audio")

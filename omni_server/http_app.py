@@ -41,7 +41,8 @@ DISCARD_BODY_LIMIT = 4 * MAX_BODY_BYTES  # read (and drop) an oversized body up 
 
 
 def create_app(host: EngineHost) -> FastAPI:
-    app = FastAPI(title="omni_server", summary="A mini-omni-compatible speech-to-speech server")
+    # No /docs, /redoc or /openapi.json: an open server need not describe itself (PROTOCOL in the README does).
+    app = FastAPI(title="omni_server", docs_url=None, redoc_url=None, openapi_url=None)
     turns = TurnQueue()
 
     @app.exception_handler(BadRequest)

@@ -98,6 +98,10 @@ BAD_REQUESTS = [
     (json.dumps(chat_body(stream_text="yes")).encode(), 400, "true or false"),
     (json.dumps(chat_body(silence(30.5))).encode(), 413, "longer than 30 seconds"),
     (json.dumps(chat_body(silence(0))).encode(), 422, "no sound samples"),
+    (b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply"),
+    (b'{"audio": "UklGRg==", "max_tokens": ' + b"9" * 5_000 + b"}", 400, "number too long"),
+    (json.dumps({"audio": base64.b64encode(b"ffconcat version 1.0\nfile 'x.wav'\n").decode()}).encode(), 422,
+     "could not be decoded"),
 ]
 
 
@@ -113,6 +117,11 @@ def test_thirty_seconds_exactly_is_accepted(echo_url: str) -> None:
     response = requests.post(f"{echo_url}/chat", json=chat_body(silence(30.0), stream_stride=64), stream=True, timeout=TIMEOUT)
     assert response.status_code == 200
     response.close()
+
+
+def test_the_server_does_not_describe_itself(echo_url: str) -> None:
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert requests.get(f"{echo_url}{path}", timeout=TIMEOUT).status_code == 404
 
 
 def test_oversized_body_is_413() -> None:
