@@ -12,13 +12,23 @@ tab, and the chat and status line, which a Start handler streams as the conversa
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: it reads this once
+# Everything this process writes (conversations' audio, API replies, Gradio's copies of them) lives here and is
+# removed when it exits.
+RUN_DIR = Path(tempfile.mkdtemp(prefix="omni-voice-chat-"))
+atexit.register(shutil.rmtree, RUN_DIR, ignore_errors=True)
+os.environ.setdefault("GRADIO_TEMP_DIR", str(RUN_DIR / "gradio"))
+# API replies, and Gradio's copies of what the chat shows, are removed this long after they were written.
+FILE_TTL_S = float(os.environ.get("OMNI_FILE_TTL_S", "600"))
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
-import atexit  # noqa: E402
 import html  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
@@ -28,7 +38,6 @@ import threading  # noqa: E402
 import time  # noqa: E402
 from collections.abc import AsyncIterator  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import gradio as gr  # noqa: E402
 import uvicorn  # noqa: E402
@@ -86,25 +95,35 @@ class Handlers:
     directly without a browser."""
 
     def __init__(self, backend: Backend, settings: ReplySettings = ReplySettings(),
-                 turn_model: SharedTurnModel | None = None) -> None:
+                 turn_model: SharedTurnModel | None = None, files_root: Path = RUN_DIR) -> None:
         self.backend = backend
         self.settings = settings
         self.turn_model = turn_model
+        self.files_root = files_root
+        self._open_tabs: dict[str, Session] = {}  # by Gradio's session hash, to close a tab's session at once
         self.tokens: LiveTokens[Session] = LiveTokens()
         self._api_files: TurnFiles | None = None
         self._api_lock = threading.Lock()
         self._api_replies = itertools.count(1)
 
-    def page_loaded(self) -> tuple[Session, str, str]:
+    def page_loaded(self, request: gr.Request | None = None) -> tuple[Session, str, str]:
         """A new tab: its own session (made here, not by a gr.State factory, which Gradio would publish as an
         API endpoint), and the server's state."""
         self.backend.start()
         completion = self.turn_model.completion if self.turn_model is not None else None
-        session = Session(conversation=Conversation(completion), server_line_shown=self._server_line())
+        session = Session(conversation=Conversation(completion), files=TurnFiles(self.files_root / "tabs"),
+                          server_line_shown=self._server_line())
+        if request is not None and request.session_hash:
+            self._open_tabs[request.session_hash] = session
         return session, self._idle_status(), session.server_line_shown
 
+    def page_closed(self, request: gr.Request | None = None) -> None:
+        """The tab was closed or reloaded (Gradio's unload): its conversation ends and its audio goes now."""
+        if request is not None and request.session_hash:
+            self.close_session(self._open_tabs.pop(request.session_hash, None))
+
     def close_session(self, session: Session | None) -> None:
-        """gr.State's delete callback: Gradio drops a tab's state some time after the tab closes."""
+        """End a tab's session: at its close (`page_closed`), or when Gradio drops its state (an hour later)."""
         if session is not None:
             self.tokens.revoke(session)
             session.close()
@@ -207,9 +226,11 @@ class Handlers:
         return chat
 
     def _next_api_mp3(self) -> Path:
+        """A name for the next API reply; replies older than FILE_TTL_S are removed (the caller downloaded them)."""
         with self._api_lock:
             if self._api_files is None:
-                self._api_files = TurnFiles()
+                self._api_files = TurnFiles(self.files_root / "api")
+            self._api_files.remove_older_than(FILE_TTL_S)
             return self._api_files.folder / f"api-reply-{next(self._api_replies):05d}.mp3"
 
     def _status(self, conversation: Conversation) -> str:
@@ -258,7 +279,8 @@ LIVE_CSS = """
 
 def build_demo(handlers: Handlers) -> gr.Blocks:
     """The page, wired to `handlers`; a function so tests can build it around a backend of their own."""
-    with gr.Blocks(title="omni-voice-chat", analytics_enabled=False) as demo:
+    ttl = round(FILE_TTL_S)
+    with gr.Blocks(title="omni-voice-chat", analytics_enabled=False, delete_cache=(ttl, ttl)) as demo:
         session = gr.State(None, delete_callback=handlers.close_session)
         gr.Markdown("# omni-voice-chat\nTalk, pause, and hear the model answer. Talk over it to cut in.")
         with gr.Row():
@@ -290,6 +312,7 @@ def build_demo(handlers: Handlers) -> gr.Blocks:
 
         quiet = {"api_visibility": "private", "show_progress": "hidden"}
         demo.load(handlers.page_loaded, None, [session, status, server_info], **quiet)
+        demo.unload(handlers.page_closed)
         server_timer.tick(handlers.server_tick, [session], [status, server_info], **quiet)
         options = [session, patience, semantic, pause_secs, start_secs, barge_in]
         for option in options[1:]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import struct
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -43,6 +44,16 @@ class TurnFiles:
 
     def delete(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+    def remove_older_than(self, seconds: float) -> None:
+        """Remove the files written more than `seconds` ago (the API's replies, once their callers have them)."""
+        cutoff = time.time() - seconds
+        for path in self.folder.glob("*"):
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+            except FileNotFoundError:  # removed meanwhile
+                pass
 
 
 def float_to_pcm16(samples: np.ndarray) -> bytes:

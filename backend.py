@@ -14,6 +14,9 @@ import omni_client
 from omni_client import HealthStatus, ServerHealth
 
 WATCH_INTERVAL_S = 2.0  # how often a launched server is checked (and restarted if it died)
+# A launched server that misses this many health checks in a row (each waits 3 s) is frozen, not busy: ours
+# answers /health while it streams a reply. It is killed and replaced, about 10 s after it froze.
+HUNG_AFTER_MISSED_CHECKS = 2
 READY_TIMEOUT_S = 3600.0  # a first download of the real model can take long; the status line shows progress
 
 
@@ -28,6 +31,7 @@ class Backend:
         self._progress = "Starting the model server"
         self._closed = threading.Event()
         self._watcher: threading.Thread | None = None
+        self._missed_checks = 0
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -57,8 +61,17 @@ class Backend:
             local.ensure_running()
             if self._health.status is not HealthStatus.READY:
                 self._health = local.wait_ready(on_progress=self._show_progress, timeout_s=READY_TIMEOUT_S)
-            else:
-                self._check_health()
+                self._missed_checks = 0
+                return
+            try:
+                self._health = omni_client.fetch_health(local.url)
+                self._missed_checks = 0
+            except omni_client.ReplyError:
+                self._missed_checks += 1
+                if self._missed_checks >= HUNG_AFTER_MISSED_CHECKS:
+                    self._show_progress("The model server stopped answering; starting a new one")
+                    self._health = ServerHealth(HealthStatus.LOADING, self._health.engine, "restarting")
+                    local.replace()
         except (omni_client.LaunchError, omni_client.ReplyError) as error:
             if not self._closed.is_set():
                 self._show_error(error.message)
@@ -77,6 +90,11 @@ class Backend:
         self._progress = sentence
 
     # -- what the app asks -------------------------------------------------------------------------------
+
+    @property
+    def server_pid(self) -> int | None:
+        """The launched server's process (None for an external one)."""
+        return self._local.pid if self._local is not None else None
 
     @property
     def url(self) -> str:

@@ -587,6 +587,21 @@ class LocalServer:
                 raise LaunchError(f"The model server was not ready after {timeout_s:g} s ({health.detail}).")
             time.sleep(0.2)
 
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def replace(self) -> None:
+        """Kill a child that stopped answering (frozen, not dead: SIGTERM would wait behind its stop); the next
+        `ensure_running` launches a new one."""
+        with self._lock:
+            process = self._process
+            if process is None or process.poll() is not None:
+                return
+            log.warning("local model server %d stopped answering; replacing it", process.pid)
+            process.kill()
+            process.wait(timeout=5.0)
+
     def stop(self, timeout_s: float = 5.0) -> None:
         with self._lock:
             process, self._process = self._process, None

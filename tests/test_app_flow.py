@@ -692,3 +692,29 @@ def test_the_chat_api_refuses_what_is_not_a_question_in_a_sentence(tmp_path: Pat
             client.predict(handle_file(str(text)), api_name="/chat")
     finally:
         demo.close()
+
+
+def test_a_frozen_launched_server_is_replaced_and_the_page_says_so() -> None:
+    """SIGSTOP: alive but silent. Every turn would fail after 30 s, forever, if only a dead server were replaced."""
+    import os
+    import signal
+
+    backend = Backend(server_url=None, engine="echo")
+    lines: list[str] = []
+    try:
+        backend.start()
+        wait_for(lambda: backend.ready, timeout=60, what="the launched server")
+        frozen = backend.server_pid
+        os.kill(frozen, signal.SIGSTOP)
+        frozen_at = time.monotonic()
+
+        def replaced() -> bool:
+            lines.append(backend.status_line())
+            return backend.server_pid != frozen and backend.ready
+
+        wait_for(replaced, timeout=30, what="a new server")
+        assert time.monotonic() - frozen_at < 15, "replaced within 15 s"
+        assert any("stopped answering" in line for line in lines), lines
+        assert fetch_health(backend.url_for_request()).status.value == "ready"
+    finally:
+        backend.close()

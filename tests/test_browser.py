@@ -205,3 +205,28 @@ def test_a_made_up_token_opens_no_channel(url: str, pulse) -> None:
         })""")
     assert outcome["code"] == 4403 and len(outcome["heard"]) == 1, outcome
     assert json.loads(outcome["heard"][0])["type"] == "error"
+
+
+def test_a_closed_tab_takes_its_audio_with_it_and_the_app_leaves_nothing(
+    pulse, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tab's WAVs and MP3s go when it closes (Gradio's unload), not an hour later; all else at the app's exit."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # where the app's own temporary folder goes
+    wav = Script().add(silence(0.5)).add(trim(speak("What is the capital of France?")), "q").add(silence(8.0))
+    path = wav.write(OUTPUT / "closed-tab.wav")
+    with harness.running_app(OUTPUT / "closed-tab-app.log") as running:
+        (run_dir,) = tmp_path.glob("omni-voice-chat-*")
+        with harness.chromium_page(path, pulse) as (page, _):
+            page.goto(running.url)
+            harness.wait_for(page, harness.SERVER_READY, 60, "the status line to name the echo engine")
+            page.click("#start")
+            harness.wait_for(page, "window.omniLive.state.events.some(e => e.type === 'played' && e.turn === 1)",
+                             30, "the reply to play")
+            tab_files = list((run_dir / "tabs").glob("*/*"))
+            assert {p.suffix for p in tab_files} == {".wav", ".mp3"}, tab_files
+            page.close()
+            deadline = time.monotonic() + 30
+            while any(p.exists() for p in tab_files) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert not any(p.exists() for p in tab_files), "the closed tab's audio is removed"
+    assert not run_dir.exists(), "the app's folder is gone after it exits"
