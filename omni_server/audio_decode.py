@@ -23,6 +23,7 @@ import io
 import subprocess
 import tempfile
 import wave
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -66,6 +67,7 @@ def decode_audio_file(data: bytes, *, max_seconds: float) -> np.ndarray:
     if not data:
         raise UndecodableAudio("The audio file is empty.")
     _check_wav_header(data, max_seconds)
+    data = _finite(data)
     pcm = _plain_wav_pcm(data)
     if pcm is not None:
         return _scaled(pcm[: round((max_seconds + 1.0) * INPUT_SAMPLE_RATE) * 2])
@@ -94,34 +96,71 @@ def decode_audio_file(data: bytes, *, max_seconds: float) -> np.ndarray:
     return _scaled(result.stdout[: len(result.stdout) // 2 * 2])
 
 
+@dataclass(frozen=True)
+class _WavHeader:
+    rate: int
+    block_align: int  # bytes per frame
+    float_bits: int | None  # 32 or 64 for IEEE float samples, else None
+    data_start: int
+    data_bytes: int
+
+
 def _check_wav_header(data: bytes, max_seconds: float) -> None:
     """Refuse a WAV whose header gives a rate outside 8-96 kHz or a length over `max_seconds` (other formats,
     and WAVs of unknown length, are bounded by ffmpeg's `-t`)."""
     header = _wav_header(data)
     if header is None:
         return
-    rate, block_align, data_bytes = header
-    if not MIN_RATE <= rate <= MAX_RATE:
+    if not MIN_RATE <= header.rate <= MAX_RATE:
         raise UndecodableAudio(
-            f"The audio's sample rate is {rate} Hz; rates from {MIN_RATE // 1000} to {MAX_RATE // 1000} kHz are supported."
+            f"The audio's sample rate is {header.rate} Hz; rates from {MIN_RATE // 1000} to {MAX_RATE // 1000} kHz "
+            "are supported."
         )
-    if block_align and data_bytes != 0xFFFFFFFF and data_bytes / block_align / rate > max_seconds:
+    known_length = header.block_align and header.data_bytes != 0xFFFFFFFF
+    if known_length and header.data_bytes / header.block_align / header.rate > max_seconds:
         raise AudioTooLong(f"The audio is longer than {max_seconds:g} seconds.")
 
 
-def _wav_header(data: bytes) -> tuple[int, int, int] | None:
-    """(sample rate, bytes per frame, data chunk size) from a RIFF/WAVE header; None if it is not one."""
+def _finite(data: bytes) -> bytes:
+    """A float WAV with NaN or infinite samples, cleaned as the microphone's are (NaN -> 0, +-inf -> +-1):
+    ffmpeg would turn them into full-scale samples, a thump in the question."""
+    header = _wav_header(data)
+    if header is None or header.float_bits is None:
+        return data
+    dtype = np.dtype("<f4" if header.float_bits == 32 else "<f8")
+    present = min(header.data_bytes, len(data) - header.data_start)  # the header may claim more (or "unknown")
+    count = present // dtype.itemsize
+    end = header.data_start + count * dtype.itemsize
+    samples = np.frombuffer(data, dtype=dtype, count=count, offset=header.data_start)
+    if np.isfinite(samples).all():
+        return data
+    cleaned = np.nan_to_num(samples, nan=0.0, posinf=1.0, neginf=-1.0).astype(dtype).tobytes()
+    return data[: header.data_start] + cleaned + data[end:]
+
+
+_FLOAT_FORMAT = 3  # WAVE_FORMAT_IEEE_FLOAT
+_EXTENSIBLE_FORMAT = 0xFFFE  # its sub-format's first two bytes say which
+
+
+def _wav_header(data: bytes) -> _WavHeader | None:
+    """What a RIFF/WAVE header says; None if it is not one."""
     if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
         return None
-    position, rate, block_align = 12, None, 0
+    position, fmt = 12, None
     while position + 8 <= len(data):
         kind, size = data[position : position + 4], int.from_bytes(data[position + 4 : position + 8], "little")
         body = data[position + 8 : position + 8 + size]
         if kind == b"fmt " and len(body) >= 16:
-            rate = int.from_bytes(body[4:8], "little")
-            block_align = int.from_bytes(body[12:14], "little")
+            fmt = body
         elif kind == b"data":
-            return None if rate is None else (rate, block_align, size)
+            if fmt is None:
+                return None
+            tag, bits = int.from_bytes(fmt[0:2], "little"), int.from_bytes(fmt[14:16], "little")
+            if tag == _EXTENSIBLE_FORMAT and len(fmt) >= 26:
+                tag = int.from_bytes(fmt[24:26], "little")
+            return _WavHeader(rate=int.from_bytes(fmt[4:8], "little"), block_align=int.from_bytes(fmt[12:14], "little"),
+                              float_bits=bits if tag == _FLOAT_FORMAT and bits in (32, 64) else None,
+                              data_start=position + 8, data_bytes=size)
         position += 8 + size + (size & 1)  # chunks are padded to an even length
     return None
 

@@ -62,19 +62,27 @@ def create_app(host: EngineHost) -> FastAPI:
 
     @app.post("/chat", response_model=None)
     async def chat(request: Request) -> Response:
-        fields = parse_fields(await _read_body(request))
-        engine = host.ready_engine
-        if engine is None:
-            return JSONResponse({"error": _not_ready_sentence(host)}, status_code=503)
+        # The place in line is taken on arrival, so a short request decoded sooner cannot overtake a long one.
+        ticket = turns.join()
         try:
-            chat_request = await asyncio.to_thread(decode_request, fields)
-        except DecoderUnavailable as error:
-            return JSONResponse({"error": str(error)}, status_code=500)
-        try:
-            engine.check(chat_request)
-        except RequestRejected as error:
-            raise BadRequest(422, str(error)) from error
-        return ReplyStream(engine, chat_request, turns)
+            fields = parse_fields(await _read_body(request))
+            engine = host.ready_engine
+            if engine is None:
+                turns.leave(ticket)
+                return JSONResponse({"error": _not_ready_sentence(host)}, status_code=503)
+            try:
+                chat_request = await asyncio.to_thread(decode_request, fields)
+            except DecoderUnavailable as error:
+                turns.leave(ticket)
+                return JSONResponse({"error": str(error)}, status_code=500)
+            try:
+                engine.check(chat_request)
+            except RequestRejected as error:
+                raise BadRequest(422, str(error)) from error
+        except BaseException:
+            turns.leave(ticket)
+            raise
+        return ReplyStream(engine, chat_request, turns, ticket)
 
     return app
 
@@ -212,16 +220,17 @@ class ReplyStream(Response):
     subclasses Response only to be passed through by FastAPI, and replaces its `__call__`.
     """
 
-    def __init__(self, engine: Engine, request: ChatRequest, turns: TurnQueue) -> None:
+    def __init__(self, engine: Engine, request: ChatRequest, turns: TurnQueue, ticket: Ticket) -> None:
         super().__init__()
         self._engine = engine
         self._request = request
         self._turns = turns
+        self._ticket = ticket  # taken when the request arrived
         self._multipart = request.stream_text
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         gone = asyncio.Event()
-        ticket = self._turns.join()
+        ticket = self._ticket
         watcher = asyncio.create_task(_watch_disconnect(receive, gone, ticket.moved))
         generation: _Generation | None = None
         try:

@@ -91,3 +91,23 @@ def test_a_plain_16k_wav_is_read_directly_with_the_samples_ffmpeg_gives(monkeypa
     monkeypatch.setattr(audio_decode.subprocess, "run", lambda *a, **k: started.append(a) or None)
     assert len(decode_audio_file(wav, max_seconds=30.0)) == 20_000
     assert not started, "a plain 16 kHz WAV does not start ffmpeg"
+
+
+def float_wav(samples: np.ndarray, rate: int = 16_000) -> bytes:
+    """A 32-bit IEEE float mono WAV, written by hand (the stdlib writes integer PCM only)."""
+    body = samples.astype("<f4").tobytes()
+    fmt = (3).to_bytes(2, "little") + (1).to_bytes(2, "little") + rate.to_bytes(4, "little") + \
+        (4 * rate).to_bytes(4, "little") + (4).to_bytes(2, "little") + (32).to_bytes(2, "little")
+    chunks = b"fmt " + len(fmt).to_bytes(4, "little") + fmt + b"data" + len(body).to_bytes(4, "little") + body
+    return b"RIFF" + (4 + len(chunks)).to_bytes(4, "little") + b"WAVE" + chunks
+
+
+def test_nan_and_infinite_float_samples_are_cleaned_not_a_thump() -> None:
+    samples = np.full(16_000, 0.1, np.float32)
+    samples[4_000:8_000] = np.nan
+    samples[10_000] = np.inf
+    audio = decode_audio_file(float_wav(samples), max_seconds=30.0)
+    assert np.abs(audio[4_200:7_800]).max() < 0.01, "NaN is silence"
+    assert np.abs(audio[:3_800] - 0.1).max() < 0.01 and np.abs(audio).max() <= 1.0
+    clean = decode_audio_file(float_wav(np.full(16_000, 0.1, np.float32)), max_seconds=30.0)
+    assert np.abs(clean - 0.1).max() < 0.01, "finite float WAVs are decoded as before"

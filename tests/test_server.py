@@ -245,6 +245,29 @@ def test_requests_are_served_one_at_a_time_in_arrival_order() -> None:
     assert all(body == PIECE * 2 for body in results.values())
 
 
+def test_the_place_in_line_is_taken_on_arrival_not_after_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long upload that takes a second to decode is still served before a short one sent after it."""
+    import omni_server.http_app as http_app
+
+    decode = http_app.decode_request
+
+    def slow_for_the_first(fields):
+        if fields.max_tokens == 101:
+            time.sleep(1.0)
+        return decode(fields)
+
+    monkeypatch.setattr(http_app, "decode_request", slow_for_the_first)
+    engine = ScriptedEngine(pieces=1)
+    with serving_engine(engine) as url:
+        first = threading.Thread(target=requests.post, args=(f"{url}/chat",),
+                                 kwargs={"json": chat_body(max_tokens=101), "timeout": TIMEOUT})
+        first.start()
+        wait_for(lambda: health(url)["busy"], what="the first request in line while it decodes")
+        requests.post(f"{url}/chat", json=chat_body(max_tokens=102), timeout=TIMEOUT)
+        first.join(timeout=10)
+    assert engine.served == [101, 102]
+
+
 def test_a_waiting_multipart_request_hears_its_place_in_line() -> None:
     engine = ScriptedEngine(pieces=8, delay=0.2)
     with serving_engine(engine) as url:
