@@ -93,7 +93,11 @@ def silent_leads(since: float) -> dict[int, float]:
     import wave
 
     leads = {}
-    for path in (Path(tempfile.gettempdir()) / "omni-voice-chat").glob("*/turn-*-user.wav"):
+    # The old path kept its files in <tmp>/omni-voice-chat/; the live app keeps them in its own
+    # <tmp>/omni-voice-chat-*/ folder (removed when it exits, so read while it runs).
+    temporary = Path(tempfile.gettempdir())
+    for path in [*temporary.glob("omni-voice-chat/*/turn-*-user.wav"),
+                 *temporary.glob("omni-voice-chat-*/tabs/*/turn-*-user.wav")]:
         if path.stat().st_mtime >= since:
             with wave.open(str(path)) as reader:
                 samples = np.frombuffer(reader.readframes(reader.getnframes()), dtype="<i2")
