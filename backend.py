@@ -7,7 +7,9 @@ says which engine answers, so an echo fallback is never silent.
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import omni_client
@@ -32,6 +34,7 @@ class Backend:
         self._closed = threading.Event()
         self._watcher: threading.Thread | None = None
         self._missed_checks = 0
+        self._replies_in_flight = 0  # an external server may be single-threaded: busy with them, it cannot answer
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -80,7 +83,19 @@ class Backend:
         try:
             self._health = omni_client.fetch_health(self.url)
         except omni_client.ReplyError as error:
-            self._show_error(error.message)
+            if self._replies_in_flight == 0:  # else it is busy answering us (the original server is single-threaded)
+                self._show_error(error.message)
+
+    @contextlib.contextmanager
+    def answering(self) -> Iterator[None]:
+        """Around each reply request: while one streams, an external server's silence is not a problem."""
+        with self._lock:
+            self._replies_in_flight += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._replies_in_flight -= 1
 
     def _show_error(self, sentence: str) -> None:
         """Keep the engine's name, so the status line still says which server has the problem."""

@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import closing
+from contextlib import AbstractContextManager, closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -32,6 +32,10 @@ class ModelServer(Protocol):
     """What answering needs from the backend (backend.Backend in the app, a plain URL holder in tests)."""
 
     def url_for_request(self) -> str: ...
+
+    def answering(self) -> AbstractContextManager[None]:
+        """Held while a reply is requested and streamed: a server busy with it may not answer health checks."""
+        ...
 
     @property
     def description(self) -> str: ...
@@ -124,14 +128,15 @@ def _request_reply(
     server: ModelServer, wav: bytes, settings: ReplySettings, cancel: threading.Event | None = None
 ) -> Iterator[omni_client.ReplyEvent]:
     """The one way the app asks for a reply: the settings' timeouts, and the reply's text when the server has it."""
-    return omni_client.stream_reply(
-        server.url_for_request(),
-        wav,
-        stall_timeout_s=settings.stall_timeout_s,
-        connect_timeout_s=settings.connect_timeout_s,
-        stream_text=True,
-        cancel=cancel,
-    )
+    with server.answering():
+        yield from omni_client.stream_reply(
+            server.url_for_request(),
+            wav,
+            stall_timeout_s=settings.stall_timeout_s,
+            connect_timeout_s=settings.connect_timeout_s,
+            stream_text=True,
+            cancel=cancel,
+        )
 
 
 def whole_reply(
@@ -149,11 +154,12 @@ def whole_reply(
         raise UndecodableAudio("The audio file contains no sound samples.")
     wav = omni_client.utterance_wav(samples, INPUT_SAMPLE_RATE)
     pcm, text = bytearray(), ""
-    for piece in _request_reply(server, wav, settings):
-        if isinstance(piece, omni_client.ReplyAudio):
-            pcm += piece.pcm
-        elif isinstance(piece, omni_client.ReplyText):
-            text += piece.text
+    with closing(_request_reply(server, wav, settings)) as stream:
+        for piece in stream:
+            if isinstance(piece, omni_client.ReplyAudio):
+                pcm += piece.pcm
+            elif isinstance(piece, omni_client.ReplyText):
+                text += piece.text
     if not pcm:
         return None, text
     path = mp3_path_for()

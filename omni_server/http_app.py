@@ -37,6 +37,7 @@ PART_DELIMITER = b"\r\n--frame\r\n"
 QUEUE_UPDATE_S = 1.0
 POLL_S = 0.25
 SEND_TIMEOUT_S = 20.0  # a client that does not take a piece for this long is dropped
+BODY_STALL_S = 10.0  # a request body that sends nothing for this long is dropped (its place in line with it)
 DISCARD_BODY_LIMIT = 4 * MAX_BODY_BYTES  # read (and drop) an oversized body up to this, so the 413 arrives
 
 
@@ -88,9 +89,17 @@ def create_app(host: EngineHost) -> FastAPI:
 
 
 async def _read_body(request: Request) -> bytes:
+    """The body, up to MAX_BODY_BYTES; a body that stalls for BODY_STALL_S holds no place in line for long."""
     received = bytearray()
     size = 0
-    async for chunk in request.stream():
+    chunks = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(chunks.__anext__(), BODY_STALL_S)
+        except StopAsyncIteration:
+            break
+        except TimeoutError as error:
+            raise BadRequest(408, f"The request body stopped arriving for {BODY_STALL_S:g} s.") from error
         size += len(chunk)
         if size > DISCARD_BODY_LIMIT:
             break

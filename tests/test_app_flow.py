@@ -10,6 +10,7 @@ decoding them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -36,12 +37,12 @@ from end_of_turn import SharedTurnModel
 from live_link import LiveLink, status_line
 from omni_client import REPLY_SAMPLE_RATE, fetch_health
 from omni_server.echo import EchoEngine
-from replying import ReplySettings
+from replying import ReplySettings, whole_reply
 from state import Conversation, Phase
 from tests.browser_harness import free_port
 from tests.reference_server import Behaviour, ReferenceServer, Script
 from tests.servers import serving_engine, wait_for
-from tests.speech import espeak_available, join, silence, speak, to_int16, trim, write_wav
+from tests.speech import espeak_available, join, silence, speak, to_int16, trim, wav_bytes, write_wav
 
 pytestmark = [pytest.mark.skipif(not espeak_available(), reason="espeak-ng is not installed"),
               pytest.mark.usefixtures("loopback_only")]
@@ -291,6 +292,9 @@ class BuggyServer:
 
     def url_for_request(self) -> str:
         raise RuntimeError("a bug in the app")
+
+    def answering(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
 
 
 def test_an_unforeseen_failure_is_still_a_sentence_and_keeps_the_turn(
@@ -718,3 +722,27 @@ def test_a_frozen_launched_server_is_replaced_and_the_page_says_so() -> None:
         assert fetch_health(backend.url_for_request()).status.value == "ready"
     finally:
         backend.close()
+
+
+def test_a_single_threaded_server_busy_with_our_reply_is_not_reported_unreachable(tmp_path: Path) -> None:
+    """The original mini-omni server answers one connection at a time: during a long reply our health check
+    waits in its backlog and times out. That is the server working for us, not a problem to show."""
+    import backend as backend_module
+
+    script = Script(Behaviour.STREAM, pieces=[b"\x00\x10" * 2400] * 40, delay_s=0.2)  # 8 s of reply
+    with ReferenceServer(script) as server:
+        backend = Backend(server_url=server.url)
+        try:
+            backend.start()
+            wait_for(lambda: "Using the model server" in backend.status_line(), timeout=10, what="its first check")
+            lines: list[str] = []
+            replying = threading.Thread(target=whole_reply, args=(
+                backend, wav_bytes(np.zeros(16_000, np.float32)), lambda: tmp_path / "reply.mp3", ReplySettings()))
+            replying.start()
+            while replying.is_alive():
+                lines.append(backend.status_line())
+                time.sleep(0.2)
+        finally:
+            backend.close()
+    assert backend_module.WATCH_INTERVAL_S * 3 < 8, "several health checks ran during the reply"
+    assert not any("problem" in line for line in lines), set(lines)

@@ -363,3 +363,19 @@ def test_health_reports_a_load_error_and_chat_says_why() -> None:
     assert "truncated" in state["detail"]
     assert refused.status_code == 503
     assert "could not load its engine" in refused.json()["error"]
+
+
+def test_a_body_that_stops_arriving_is_dropped_and_frees_the_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import omni_server.http_app as http_app
+
+    monkeypatch.setattr(http_app, "BODY_STALL_S", 1.0)
+    with serving_engine(EchoEngine()) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as slow:
+            slow.sendall(b"POST /chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b'Content-Length: 1000\r\n\r\n{"audio": "')
+            wait_for(lambda: health(url)["busy"], what="the slow request in line")
+            answer = slow.recv(4096).decode()
+        assert answer.startswith("HTTP/1.1 408") and "stopped arriving" in answer
+        assert health(url)["busy"] is False
+        assert requests.post(f"{url}/chat", json=chat_body(), timeout=TIMEOUT).status_code == 200
