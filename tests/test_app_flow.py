@@ -554,6 +554,8 @@ def test_start_hands_the_page_a_token_then_follows_the_conversation_until_it_sto
     second_click: list[tuple] = []
     drain(handlers.start(session), second_click, timeout=5)
     assert second_click == [], "a second click while it runs does nothing"
+    # The tab talks faster than real time: let the follower see it listening first (it looks every 50 ms).
+    wait_for(lambda: bool(outputs), what="the listening line")
     tab.talk(question)
     tab.play(1)
     tab.link.close()
