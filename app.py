@@ -377,7 +377,9 @@ def main() -> None:
     host = os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")  # Gradio's own variables (a Space sets them)
     port = int(os.environ.get("GRADIO_SERVER_PORT", "7860"))
     print(f"omni-voice-chat on http://{host}:{port}", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", ws_ping_interval=20.0)
+    # Open connections (a tab, an API client) get 5 s to finish at shutdown, so the app always reaches its exit
+    # handlers (which stop the model server and remove its files) before a supervisor kills it.
+    uvicorn.run(app, host=host, port=port, log_level="warning", ws_ping_interval=20.0, timeout_graceful_shutdown=5)
 
 
 if __name__ == "__main__":
