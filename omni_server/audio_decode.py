@@ -58,15 +58,16 @@ def decode_base64(text: str) -> bytes:
         ) from error
 
 
-def decode_audio_file(data: bytes, *, max_seconds: float) -> np.ndarray:
+def decode_audio_file(data: bytes, *, max_seconds: float, trim: bool = False) -> np.ndarray:
     """Decode any ffmpeg-readable audio file to float32 mono 16 kHz, reading at most `max_seconds` + 1 s.
 
     The caller compares the length against its limit; decoding one second more than the limit is what
-    lets it tell "too long" from "exactly at the limit".
+    lets it tell "too long" from "exactly at the limit". A WAV whose header says it is longer is refused
+    (AudioTooLong) unless `trim`: then its first `max_seconds` + 1 s are decoded like any other file's.
     """
     if not data:
         raise UndecodableAudio("The audio file is empty.")
-    _check_wav_header(data, max_seconds)
+    _check_wav_header(data, max_seconds, trim)
     data = _finite(data)
     pcm = _plain_wav_pcm(data)
     if pcm is not None:
@@ -105,9 +106,9 @@ class _WavHeader:
     data_bytes: int
 
 
-def _check_wav_header(data: bytes, max_seconds: float) -> None:
-    """Refuse a WAV whose header gives a rate outside 8-96 kHz or a length over `max_seconds` (other formats,
-    and WAVs of unknown length, are bounded by ffmpeg's `-t`)."""
+def _check_wav_header(data: bytes, max_seconds: float, trim: bool) -> None:
+    """Refuse a WAV whose header gives a rate outside 8-96 kHz or (unless `trim`) a length over `max_seconds`
+    (other formats, and WAVs of unknown length, are bounded by ffmpeg's `-t`)."""
     header = _wav_header(data)
     if header is None:
         return
@@ -117,7 +118,7 @@ def _check_wav_header(data: bytes, max_seconds: float) -> None:
             "are supported."
         )
     known_length = header.block_align and header.data_bytes != 0xFFFFFFFF
-    if known_length and header.data_bytes / header.block_align / header.rate > max_seconds:
+    if not trim and known_length and header.data_bytes / header.block_align / header.rate > max_seconds:
         raise AudioTooLong(f"The audio is longer than {max_seconds:g} seconds.")
 
 

@@ -33,6 +33,7 @@ class ChatRequest:
     stream_stride: int = 4
     max_tokens: int = 2048
     stream_text: bool = False
+    trimmed: bool = False  # the question was longer than 30 s: `audio` is its first 30 s (as the reference does)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ from starlette.types import Message, Receive, Scope, Send
 
 from omni_server.audio_decode import DecoderUnavailable
 from omni_server.chat_request import MAX_BODY_BYTES, BadRequest, decode_request, parse_fields
-from omni_server.engine import AudioPiece, ChatRequest, Engine, EngineStatus, RequestRejected, TextPiece
+from omni_server.engine import (MAX_INPUT_SECONDS, AudioPiece, ChatRequest, Engine, EngineStatus, RequestRejected,
+                                TextPiece)
 from omni_server.engine_host import EngineHost
 from omni_server.turns import Ticket, TurnQueue
 
@@ -33,6 +34,10 @@ log = logging.getLogger(__name__)
 
 RAW_AUDIO_TYPE = "audio/wav"  # what the reference sends, although its body is headerless PCM
 MULTIPART_TYPE = "multipart/x-mixed-replace; boundary=frame"
+# A question over 30 s is answered from its first 30 s; the response says so in a header, and a multipart one
+# also in its first text part (which clients show with the reply's text).
+TRIMMED_HEADER = b"x-omni-input-trimmed-to-s"
+TRIMMED_NOTE = "(Only the first 30 seconds of your question were heard.) "
 PART_DELIMITER = b"\r\n--frame\r\n"
 QUEUE_UPDATE_S = 1.0
 POLL_S = 0.25
@@ -195,9 +200,9 @@ class _Writer:
         self._gone = gone
         self.started = False
 
-    async def start(self, status: int, content_type: str) -> None:
+    async def start(self, status: int, content_type: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
         await self._deliver({"type": "http.response.start", "status": status,
-                             "headers": [(b"content-type", content_type.encode())]})
+                             "headers": [(b"content-type", content_type.encode()), *headers]})
         self.started = True
 
     async def body(self, data: bytes) -> None:
@@ -236,6 +241,7 @@ class ReplyStream(Response):
         self._turns = turns
         self._ticket = ticket  # taken when the request arrived
         self._multipart = request.stream_text
+        self._headers = [(TRIMMED_HEADER, str(round(MAX_INPUT_SECONDS)).encode())] if request.trimmed else []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         gone = asyncio.Event()
@@ -245,7 +251,9 @@ class ReplyStream(Response):
         try:
             writer = _Writer(send, gone)
             if self._multipart:
-                await writer.start(200, MULTIPART_TYPE)
+                await writer.start(200, MULTIPART_TYPE, self._headers)
+                if self._request.trimmed:
+                    await writer.part("text/plain", TRIMMED_NOTE.encode())
             await self._wait_turn(ticket, writer, gone)
             generation = _Generation(self._engine, self._request, lambda: self._turns.leave(ticket))
             await self._relay(generation, writer, gone)
@@ -278,7 +286,7 @@ class ReplyStream(Response):
                 continue
             if isinstance(item, AudioPiece):
                 if not writer.started:
-                    await writer.start(200, RAW_AUDIO_TYPE)
+                    await writer.start(200, RAW_AUDIO_TYPE, self._headers)
                 await (writer.part(RAW_AUDIO_TYPE, item.pcm) if self._multipart else writer.body(item.pcm))
             elif isinstance(item, TextPiece):
                 if self._multipart:
