@@ -119,7 +119,7 @@ def status_line(conversation: Conversation, server: str) -> str:
         Phase.IDLE: "Click **Start** and speak; the answer plays when you pause.",
         Phase.LISTENING: "Listening… speak, then pause.",
         Phase.THINKING: f"Thinking… ({server})",
-        Phase.QUEUED: f"Queued: the model server is answering {_others(reply.queue_ahead if reply else 1)} first…",
+        Phase.QUEUED: _waiting(reply),
         Phase.SPEAKING: "Speaking… talk to cut in." if conversation.barge_in else "Speaking…",
         Phase.INTERRUPTED: "You cut in: listening…",
         Phase.STOPPED: "Stopped. Click **Start** to talk again.",
@@ -127,6 +127,12 @@ def status_line(conversation: Conversation, server: str) -> str:
     if conversation.notice and phase is not Phase.QUEUED:
         return f"{conversation.notice} {line}"
     return line
+
+
+def _waiting(reply: Reply | None) -> str:
+    if reply is not None and reply.loading is not None:
+        return f"Waiting for the model to load ({reply.loading}); your question is answered as soon as it is ready…"
+    return f"Queued: the model server is answering {_others(reply.queue_ahead if reply else 1)} first…"
 
 
 def _others(count: int) -> str:

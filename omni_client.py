@@ -62,7 +62,14 @@ class ReplyQueued:
     ahead: int
 
 
-ReplyEvent = ReplyAudio | ReplyText | ReplyQueued
+@dataclass(frozen=True)
+class ReplyLoading:
+    """The server is still loading its model; the question waits for it. `step` says how far it is."""
+
+    step: str
+
+
+ReplyEvent = ReplyAudio | ReplyText | ReplyQueued | ReplyLoading
 
 
 class FailureKind(enum.Enum):
@@ -435,6 +442,8 @@ class _MultipartParser:
             raise ReplyError(FailureKind.GARBAGE, "A status part of the model server's reply is not JSON.") from error
         if isinstance(status, dict) and isinstance(status.get("queue_position"), int):
             yield ReplyQueued(status["queue_position"])
+        if isinstance(status, dict) and isinstance(status.get("loading"), str):
+            yield ReplyLoading(status["loading"])
         if isinstance(status, dict) and isinstance(status.get("error"), str):
             self._server_error = status["error"]
 

@@ -112,6 +112,8 @@ def answer(
                     conversation.reply_text(reply, piece.text)
                 elif isinstance(piece, omni_client.ReplyQueued):
                     conversation.queued(reply, piece.ahead)
+                elif isinstance(piece, omni_client.ReplyLoading):
+                    conversation.loading(reply, piece.step)
     except omni_client.ReplyError as error:
         failure = error.message
     except Exception:  # a bug, not the server: still a sentence, a kept turn and a conversation that goes on

@@ -89,6 +89,7 @@ class Reply:
     pcm: bytearray = field(default_factory=bytearray)
     text: str = ""
     queue_ahead: int = 0  # conversations the server answers first
+    loading: str | None = None  # the server is loading its model, at this step; the question waits for it
     requested_at: float | None = None  # the request went to the model server (monotonic clock)
     first_audio_at: float | None = None  # the first reply bytes reached the app (monotonic clock)
     sounding_after_s: float | None = None  # the browser's figure: end of speech -> reply audible
@@ -249,12 +250,23 @@ class Conversation:
             self.heard = None
             return self.reply
 
+    def loading(self, reply: Reply, step: str) -> None:
+        """The server is loading its model (at `step`): the reply waits for it, shown as a wait in line."""
+        with self._lock:
+            if self.reply is not reply or reply.loading == step:
+                return
+            reply.loading = step
+            if self.phase is Phase.THINKING:
+                self._move(Phase.QUEUED)
+            else:
+                self._touch()
+
     def queued(self, reply: Reply, ahead: int) -> None:
         """The server's line for this reply: `ahead` other conversations come first (0: it is being answered)."""
         with self._lock:
-            if self.reply is not reply or reply.queue_ahead == ahead:
+            if self.reply is not reply or (reply.queue_ahead == ahead and reply.loading is None):
                 return
-            reply.queue_ahead = ahead
+            reply.queue_ahead, reply.loading = ahead, None
             if ahead > 0 and self.phase is Phase.THINKING:
                 self._move(Phase.QUEUED)
             elif ahead == 0 and self.phase is Phase.QUEUED:

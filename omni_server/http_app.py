@@ -72,8 +72,7 @@ def create_app(host: EngineHost) -> FastAPI:
         ticket = turns.join()
         try:
             fields = parse_fields(await _read_body(request))
-            engine = host.ready_engine
-            if engine is None:
+            if host.health.status is EngineStatus.ERROR:
                 turns.leave(ticket)
                 return JSONResponse({"error": _not_ready_sentence(host)}, status_code=503)
             try:
@@ -81,14 +80,13 @@ def create_app(host: EngineHost) -> FastAPI:
             except DecoderUnavailable as error:
                 turns.leave(ticket)
                 return JSONResponse({"error": str(error)}, status_code=500)
-            try:
-                engine.check(chat_request)
-            except RequestRejected as error:
-                raise BadRequest(422, str(error)) from error
+            engine = host.ready_engine
+            if engine is not None:
+                _check(engine, chat_request)  # refused before any audio; while loading, once it is ready
         except BaseException:
             turns.leave(ticket)
             raise
-        return ReplyStream(engine, chat_request, turns, ticket)
+        return ReplyStream(host, chat_request, turns, ticket)
 
     return app
 
@@ -113,6 +111,13 @@ async def _read_body(request: Request) -> bytes:
     if size > MAX_BODY_BYTES:
         raise BadRequest(413, f"The request is larger than {MAX_BODY_BYTES // (1024 * 1024)} MiB.")
     return bytes(received)
+
+
+def _check(engine: Engine, request: ChatRequest) -> None:
+    try:
+        engine.check(request)
+    except RequestRejected as error:
+        raise BadRequest(422, str(error)) from error
 
 
 def _not_ready_sentence(host: EngineHost) -> str:
@@ -234,9 +239,9 @@ class ReplyStream(Response):
     subclasses Response only to be passed through by FastAPI, and replaces its `__call__`.
     """
 
-    def __init__(self, engine: Engine, request: ChatRequest, turns: TurnQueue, ticket: Ticket) -> None:
+    def __init__(self, host: EngineHost, request: ChatRequest, turns: TurnQueue, ticket: Ticket) -> None:
         super().__init__()
-        self._engine = engine
+        self._host = host
         self._request = request
         self._turns = turns
         self._ticket = ticket  # taken when the request arrived
@@ -254,8 +259,11 @@ class ReplyStream(Response):
                 await writer.start(200, MULTIPART_TYPE, self._headers)
                 if self._request.trimmed:
                     await writer.part("text/plain", TRIMMED_NOTE.encode())
+            engine = await self._wait_ready(writer, gone)
+            if engine is None:
+                return
             await self._wait_turn(ticket, writer, gone)
-            generation = _Generation(self._engine, self._request, lambda: self._turns.leave(ticket))
+            generation = _Generation(engine, self._request, lambda: self._turns.leave(ticket))
             await self._relay(generation, writer, gone)
         except _ClientGone:
             log.info("client went away; dropping its request")
@@ -265,6 +273,36 @@ class ReplyStream(Response):
                 self._turns.leave(ticket)
             else:
                 generation.stop()
+
+    async def _wait_ready(self, writer: _Writer, gone: asyncio.Event) -> Engine | None:
+        """A question asked while the engine loads waits for it (a multipart client hears the loading step every
+        QUEUE_UPDATE_S); None when loading failed or the engine refuses the request (the answer is written)."""
+        waited = False
+        while (engine := self._host.ready_engine) is None:
+            if gone.is_set():
+                raise _ClientGone
+            health = self._host.health
+            if health.status is EngineStatus.ERROR:
+                await self._refuse(writer, 503, _not_ready_sentence(self._host))
+                return None
+            if self._multipart:
+                await writer.part("application/json", _json({"loading": f"{health.engine}: {health.detail}"}))
+            waited = True
+            await asyncio.sleep(QUEUE_UPDATE_S if self._multipart else POLL_S)
+        if waited:
+            try:
+                _check(engine, self._request)
+            except BadRequest as refused:
+                await self._refuse(writer, refused.status, refused.message)
+                return None
+        return engine
+
+    async def _refuse(self, writer: _Writer, status: int, message: str) -> None:
+        """A JSON error if nothing was sent yet, else an error part and a cut-short end."""
+        if not writer.started:
+            await writer.json_error(status, message)
+        else:
+            await writer.part("application/json", _json({"error": message}))
 
     async def _wait_turn(self, ticket: Ticket, writer: _Writer, gone: asyncio.Event) -> None:
         while True:

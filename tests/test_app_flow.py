@@ -41,7 +41,7 @@ from replying import ReplySettings, whole_reply
 from state import Conversation, Phase
 from tests.browser_harness import free_port
 from tests.reference_server import Behaviour, ReferenceServer, Script
-from tests.servers import serving_engine, wait_for
+from tests.servers import serving_engine, serving_while_loading, wait_for
 from tests.speech import espeak_available, join, silence, speak, to_int16, trim, wav_bytes, write_wav
 
 pytestmark = [pytest.mark.skipif(not espeak_available(), reason="espeak-ng is not installed"),
@@ -748,3 +748,27 @@ def test_a_single_threaded_server_busy_with_our_reply_is_not_reported_unreachabl
             backend.close()
     assert backend_module.WATCH_INTERVAL_S * 3 < 8, "several health checks ran during the reply"
     assert not any("problem" in line for line in lines), set(lines)
+
+
+def test_a_question_asked_while_the_model_loads_is_answered_once_it_is_ready(
+    tmp_path: Path, question: np.ndarray
+) -> None:
+    with serving_while_loading("loading weights") as (url, release):
+        handlers = Handlers(Backend(server_url=url))
+        tab = Tab.opened(handlers, new_session(tmp_path / "a"))
+        tab.talk(question)
+        wait_for(lambda: tab.status.startswith("Waiting for the model to load (mini-omni: loading weights)"),
+                 timeout=REPLY_WAIT_S, what="the page to say it waits for the model")
+        release.set()
+        assert reply_seconds(tab.play(1)) > 1.0, "answered once the model is ready"
+        assert tab.conversation.notice is None and "failed" not in str(tab.conversation.history)
+
+    with serving_while_loading("downloading 120 of 900 MB") as (url, release):
+        handlers = Handlers(Backend(server_url=url))
+        session = new_session(tmp_path / "b")
+        tab = Tab.opened(handlers, session)
+        tab.talk(question)
+        wait_for(lambda: "downloading 120 of 900 MB" in tab.status, timeout=REPLY_WAIT_S, what="the wait")
+        handlers.stop(session)
+        wait_for(lambda: not fetch_health(url).busy, timeout=10, what="Stop to free the waiting server")
+        assert session.conversation.phase is Phase.STOPPED

@@ -351,18 +351,50 @@ def test_a_client_that_stops_reading_does_not_hold_the_turn() -> None:
 
 # --- health -----------------------------------------------------------------------------------------
 
-def test_health_reports_loading_progress_then_ready_and_chat_waits_with_503() -> None:
+def test_a_question_asked_while_loading_waits_and_is_answered_once_ready() -> None:
     with serving_while_loading("loading weights", note="echo engine: chosen by the test") as (url, release):
         assert health(url) == {"status": "loading", "engine": "mini-omni", "detail": "loading weights",
                                "busy": False, "waiting": 0}
-        refused = requests.post(f"{url}/chat", json=chat_body(), timeout=TIMEOUT)
-        assert refused.status_code == 503
-        assert "still starting (loading weights)" in refused.json()["error"]
+        answers: dict[str, requests.Response] = {}
+
+        def ask(kind: str, body: dict) -> None:
+            answers[kind] = requests.post(f"{url}/chat", json=body, timeout=TIMEOUT)
+
+        asking = [threading.Thread(target=ask, args=("raw", chat_body())),
+                  threading.Thread(target=ask, args=("multipart", chat_body(stream_text=True)))]
+        for thread in asking:
+            thread.start()
+        wait_for(lambda: health(url)["waiting"] == 1, what="both questions waiting")
+        time.sleep(1.5)  # a multipart client hears the loading step meanwhile
         release.set()
-        wait_for(lambda: health(url)["status"] == "ready", what="ready")
-        assert health(url)["engine"] == "echo"
-        assert health(url)["detail"] == "echo engine: chosen by the test"
-        assert requests.post(f"{url}/chat", json=chat_body(), timeout=TIMEOUT).status_code == 200
+        for thread in asking:
+            thread.join(timeout=10)
+        assert health(url)["engine"] == "echo" and health(url)["detail"] == "echo engine: chosen by the test"
+    assert answers["raw"].status_code == 200 and len(answers["raw"].content) > 0
+    multipart = answers["multipart"].content
+    assert b'{"loading": "mini-omni: loading weights"}' in multipart
+    assert multipart.index(b"loading weights") < multipart.index(b"Content-Type: audio/wav"), "then the reply"
+
+
+def test_a_question_waiting_for_a_load_that_fails_is_told_why() -> None:
+    release = threading.Event()
+
+    def loader(report):
+        report("mini-omni", "loading weights")
+        release.wait(timeout=10)
+        raise OSError("checkpoint/lit_model.pth is truncated")
+
+    host = EngineHost(loader, "mini-omni")
+    with serving_app(create_app(host)) as url:
+        host.start_loading()
+        answers: dict[str, requests.Response] = {}
+        asking = threading.Thread(target=lambda: answers.setdefault(
+            "raw", requests.post(f"{url}/chat", json=chat_body(), timeout=TIMEOUT)))
+        asking.start()
+        wait_for(lambda: health(url)["busy"], what="the question waiting")
+        release.set()
+        asking.join(timeout=10)
+    assert answers["raw"].status_code == 503 and "truncated" in answers["raw"].json()["error"]
 
 
 def test_health_reports_a_load_error_and_chat_says_why() -> None:
