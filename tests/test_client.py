@@ -19,6 +19,7 @@ from omni_client import (
     LocalServer,
     ReplyAudio,
     ReplyError,
+    ReplyLoading,
     ReplyQueued,
     ReplyText,
     fetch_health,
@@ -104,14 +105,20 @@ def test_a_4xx_shows_the_servers_sentence() -> None:
     assert error.message.startswith("The audio could not be decoded")
 
 
-def test_a_loading_server_is_not_ready_with_its_progress() -> None:
-    with serving_while_loading("warming up") as (url, _release):
+def test_a_loading_server_holds_the_question_and_tells_its_progress() -> None:
+    with serving_while_loading("warming up") as (url, release):
         assert fetch_health(url).detail == "warming up"
         assert fetch_health(url).status is HealthStatus.LOADING
-        events, error = collect(url)
-    assert events == []
-    assert error.kind is FailureKind.NOT_READY
-    assert "still starting (warming up)" in error.message
+        result: list = []
+        asking = threading.Thread(target=lambda: result.append(collect(url, stream_text=True)))
+        asking.start()
+        time.sleep(1.5)
+        release.set()
+        asking.join(timeout=10)
+    ((events, error),) = result
+    assert error is None
+    assert events[0] == ReplyLoading("mini-omni: warming up")
+    assert audio_of(events) and all(isinstance(e, ReplyLoading) for e in events[: events.index(ReplyQueued(0))])
 
 
 @pytest.mark.parametrize("stream_text", [False, True], ids=["raw", "multipart"])
