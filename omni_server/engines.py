@@ -58,7 +58,7 @@ def load_engine(options: EngineOptions, report: LoadReport) -> tuple[Engine, str
         reason = f"failed while {stage[0]}: {_one_line(error)}"
         return _load_echo(report), f"echo engine: mini-omni is unavailable ({reason})"
     where = f" from {options.checkpoint_dir}" if options.checkpoint_dir else ""
-    return engine, f"mini-omni{where}"
+    return engine, f"mini-omni{where} ({engine.device.type}, {str(engine.dtype).removeprefix('torch.')})"
 
 
 def _load_mini_omni(options: EngineOptions, report: LoadReport) -> Engine:

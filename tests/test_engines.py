@@ -7,6 +7,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
 from omni_server.engine import EngineStatus
 from omni_server.engine_host import EngineHost
@@ -23,6 +24,8 @@ class FakeMiniOmni:
         self, checkpoint_dir: Path | None, device: str | None = None, dtype: str | None = None, mode: str = "default"
     ) -> None:
         self.checkpoint_dir = checkpoint_dir
+        self.device = torch.device("cpu")
+        self.dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
 
     def load(self, progress) -> None:
         progress("downloading checkpoint")
@@ -49,7 +52,7 @@ def test_auto_uses_mini_omni_when_it_loads(fake_mini_omni, tmp_path: Path) -> No
     engine, note, reports = run(EngineChoice.AUTO, tmp_path)
     assert isinstance(engine, fake_mini_omni)
     assert engine.checkpoint_dir == tmp_path
-    assert note == f"mini-omni from {tmp_path}"
+    assert note == f"mini-omni from {tmp_path} (cpu, float32)", "the page shows which dtype runs"
     assert ("mini-omni", "downloading checkpoint") in reports
 
 

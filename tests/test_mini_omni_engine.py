@@ -29,7 +29,7 @@ from omni_server.mini_omni.codec import (
     pcm_rounded,
 )
 from omni_server.mini_omni.config import EOT, WHISPER_TINY, GPTConfig
-from omni_server.mini_omni.engine import MiniOmniEngine, pick_dtype, request_seed
+from omni_server.mini_omni.engine import MiniOmniEngine, cpu_computes_bf16, pick_dtype, request_seed
 from omni_server.mini_omni.generate import generate_steps, prompt_length
 from omni_server.mini_omni.gpt import MiniOmniModel
 from omni_server.mini_omni.text import load_tokenizer
@@ -289,8 +289,12 @@ def test_download_keeps_only_a_file_with_the_sha256_of_its_url(tmp_path: Path) -
 
 
 def test_dtype_defaults() -> None:
-    assert pick_dtype(None, torch.device("cpu")) is torch.float32
+    assert pick_dtype(None, torch.device("cpu"), native_bf16=False) is torch.float32
+    assert pick_dtype(None, torch.device("cpu"), native_bf16=True) is torch.bfloat16
+    assert pick_dtype("fp32", torch.device("cpu"), native_bf16=True) is torch.float32, "--dtype float32: exact"
     assert pick_dtype(None, torch.device("cuda")) is torch.bfloat16
+    assert cpu_computes_bf16("flags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile") is True
+    assert cpu_computes_bf16("flags\t\t: fpu avx avx2 fma") is False
     assert pick_dtype("bf16", torch.device("cpu")) is torch.bfloat16
     with pytest.raises(ValueError):
         pick_dtype("int8", torch.device("cpu"))

@@ -80,10 +80,27 @@ def pick_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
-def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
-    """bf16 on CUDA, fp32 (the exact mode) on the CPU, unless asked otherwise."""
+def cpu_computes_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU does bf16 arithmetic natively (AVX512-BF16 or AMX): there bf16 runs the model faster
+    than real time where fp32 does not (measured on a 2-core machine: 0.83 against 1.34). Linux only: elsewhere
+    False, and fp32."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = {flag for line in cpuinfo.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def pick_dtype(dtype: str | None, device: torch.device, native_bf16: bool | None = None) -> torch.dtype:
+    """bf16 on CUDA and on a CPU that computes it natively (`native_bf16`, detected when None), else fp32 (the
+    exact mode); `dtype` overrides."""
     if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16
+        native = cpu_computes_bf16() if native_bf16 is None else native_bf16
+        return torch.bfloat16 if device.type == "cpu" and native else torch.float32
     try:
         return _DTYPES[dtype.lower()]
     except KeyError:
