@@ -274,6 +274,16 @@ def test_local_whisper_and_snac_are_used_without_download(tiny_dir: Path) -> Non
     assert progress == []
 
 
+def test_a_download_reports_its_progress_in_megabytes(tmp_path: Path) -> None:
+    payload = b"w" * 3_000_000
+    source = tmp_path / "models" / hashlib.sha256(payload).hexdigest() / "small.pt"
+    source.parent.mkdir(parents=True)
+    source.write_bytes(payload)
+    said: list[str] = []
+    download_verified(source.as_uri(), tmp_path / "cache" / "small.pt", said.append)
+    assert said[0] == "downloading small.pt: 0 of 3 MB" and said[-1] == "downloading small.pt: 3 of 3 MB", said
+
+
 def test_download_keeps_only_a_file_with_the_sha256_of_its_url(tmp_path: Path) -> None:
     payload = b"whisper weights"
     good = tmp_path / "models" / hashlib.sha256(payload).hexdigest() / "small.pt"

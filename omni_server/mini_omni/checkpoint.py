@@ -74,8 +74,7 @@ def _whisper_file(directory: Path, progress: Progress) -> Path:
     cached = whisper_cache_dir() / Path(WHISPER_SMALL_URL).name
     if cached.is_file() and _sha256(cached) == _expected_sha256(WHISPER_SMALL_URL):
         return cached
-    progress("downloading")
-    return download_verified(WHISPER_SMALL_URL, cached)
+    return download_verified(WHISPER_SMALL_URL, cached, progress)
 
 
 def _snac_folder(directory: Path, progress: Progress) -> Path:
@@ -101,17 +100,25 @@ def whisper_cache_dir() -> Path:
     return Path(base) / "whisper"
 
 
-def download_verified(url: str, target: Path) -> Path:
-    """Download `url` to `target` via a temporary file, keeping it only if its sha256 matches the URL's."""
+def download_verified(url: str, target: Path, progress: Progress = lambda _: None) -> Path:
+    """Download `url` to `target` via a temporary file, keeping it only if its sha256 matches the URL's;
+    `progress` hears "downloading NAME: X of Y MB" at most once per MB."""
     expected = _expected_sha256(url)
     target.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
+    name = Path(url).name
     with tempfile.NamedTemporaryFile(dir=target.parent, delete=False, suffix=".part") as part:
         try:
             with urllib.request.urlopen(url, timeout=60) as response:
+                total = int(response.headers.get("Content-Length") or 0)
+                of_total = f" of {total / 1e6:.0f} MB" if total else " MB"
+                done = 0
+                progress(f"downloading {name}: 0{of_total}")
                 while chunk := response.read(1 << 20):
                     digest.update(chunk)
                     part.write(chunk)
+                    done += len(chunk)
+                    progress(f"downloading {name}: {done / 1e6:.0f}{of_total}")
         except BaseException:
             os.unlink(part.name)
             raise
