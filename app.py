@@ -125,6 +125,9 @@ class Handlers:
     def close_session(self, session: Session | None) -> None:
         """End a tab's session: at its close (`page_closed`), or when Gradio drops its state (an hour later)."""
         if session is not None:
+            for tab, open_session in list(self._open_tabs.items()):
+                if open_session is session:
+                    del self._open_tabs[tab]
             self.tokens.revoke(session)
             session.close()
 
