@@ -772,3 +772,14 @@ def test_a_question_asked_while_the_model_loads_is_answered_once_it_is_ready(
         handlers.stop(session)
         wait_for(lambda: not fetch_health(url).busy, timeout=10, what="Stop to free the waiting server")
         assert session.conversation.phase is Phase.STOPPED
+
+
+def test_api_replies_are_removed_after_their_time_to_live(
+    tmp_path: Path, question: np.ndarray, echo_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handlers = Handlers(Backend(server_url=echo_url), files_root=tmp_path)
+    wav = write_wav(tmp_path / "question.wav", question)
+    first, _ = handlers.api_chat(str(wav))
+    monkeypatch.setattr(app, "FILE_TTL_S", 0.0)  # every reply is old by the next one
+    second, _ = handlers.api_chat(str(wav))
+    assert not Path(first).exists() and Path(second).exists()
