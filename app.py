@@ -1,6 +1,7 @@
 """omni-voice-chat: talk in the browser, hear a speech-to-speech model answer, turn after turn.
 
-UI and wiring only. The logic lives in state.py (one conversation's phases), vad.py (when a turn ends),
+UI and wiring only. The logic lives in state.py (one conversation's phases), vad.py (when a turn ends, with
+end_of_turn.py's model and turn_weights.py's download of it),
 replying.py (one reply, streamed), live_link.py / live_route.py (the tab's live audio channel), backend.py
 (the model server) and history.py / audio_files.py.
 
