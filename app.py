@@ -1,9 +1,9 @@
 """omni-voice-chat: talk in the browser, hear a speech-to-speech model answer, turn after turn.
 
 UI and wiring only. The logic lives in state.py (one conversation's phases), vad.py (when a turn ends, with
-end_of_turn.py's model and turn_weights.py's download of it),
-replying.py (one reply, streamed), live_link.py / live_route.py (the tab's live audio channel), backend.py
-(the model server) and history.py / audio_files.py.
+end_of_turn.py's model, whose weights turn_weights.py fetches), replying.py (one reply, streamed),
+live_link.py / live_route.py (the tab's live audio channel), backend.py (the model server) and history.py /
+audio_files.py.
 
 Audio does not go through Gradio: the page streams the microphone to the app and plays the reply over one
 WebSocket per conversation (`/live`, on the same port: `create_app` puts the Gradio page and that route on
