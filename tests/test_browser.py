@@ -222,6 +222,9 @@ def test_a_closed_tab_takes_its_audio_with_it_and_the_app_leaves_nothing(
             page.click("#start")
             harness.wait_for(page, "window.omniLive.state.events.some(e => e.type === 'played' && e.turn === 1)",
                              30, "the reply to play")
+            deadline = time.monotonic() + 10  # the app files the reply once the page says it played
+            while {p.suffix for p in (run_dir / "tabs").glob("*/*")} != {".wav", ".mp3"} and time.monotonic() < deadline:
+                time.sleep(0.2)
             tab_files = list((run_dir / "tabs").glob("*/*"))
             assert {p.suffix for p in tab_files} == {".wav", ".mp3"}, tab_files
             page.close()
