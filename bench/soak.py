@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from tests import browser_harness as harness  # noqa: E402
-from tests.speech import silence, speak, trim, write_wav  # noqa: E402
+from tests.speech import float_wav, silence, speak, trim, write_wav  # noqa: E402
 
 OUTPUT = ROOT / "test-output" / "soak"
 TURN_TIMEOUT_S = 60.0
@@ -77,13 +77,8 @@ def bad_uploads(folder: Path) -> list[Path]:
     text.write_text("these are my notes, not a recording")
     script = folder / "playlist.wav"
     script.write_bytes(b"ffconcat version 1.0\nfile 'question.wav'\n")
-    nan = np.full(16_000, np.nan, np.float32)
-    body = nan.astype("<f4").tobytes()
-    fmt = (3).to_bytes(2, "little") + (1).to_bytes(2, "little") + (16_000).to_bytes(4, "little") + \
-        (64_000).to_bytes(4, "little") + (4).to_bytes(2, "little") + (32).to_bytes(2, "little")
-    chunks = b"fmt " + len(fmt).to_bytes(4, "little") + fmt + b"data" + len(body).to_bytes(4, "little") + body
     nan_wav = folder / "nan.wav"
-    nan_wav.write_bytes(b"RIFF" + (4 + len(chunks)).to_bytes(4, "little") + b"WAVE" + chunks)
+    nan_wav.write_bytes(float_wav(np.full(16_000, np.nan, np.float32)))
     return [write_wav(folder / "one-hertz.wav", np.zeros(30_000, np.float32), rate=1),
             write_wav(folder / "ten-minutes.wav", np.zeros(600 * 8_000, np.float32), rate=8_000),
             script, text, nan_wav]

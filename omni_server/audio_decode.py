@@ -67,8 +67,10 @@ def decode_audio_file(data: bytes, *, max_seconds: float, trim: bool = False) ->
     """
     if not data:
         raise UndecodableAudio("The audio file is empty.")
-    _check_wav_header(data, max_seconds, trim)
-    data = _finite(data)
+    header = _wav_header(data)  # None for anything but a WAV
+    if header is not None:
+        _check_wav_header(header, max_seconds, trim)
+        data = _finite(data, header)
     pcm = _plain_wav_pcm(data)
     if pcm is not None:
         return _scaled(pcm[: round((max_seconds + 1.0) * INPUT_SAMPLE_RATE) * 2])
@@ -106,12 +108,9 @@ class _WavHeader:
     data_bytes: int
 
 
-def _check_wav_header(data: bytes, max_seconds: float, trim: bool) -> None:
+def _check_wav_header(header: _WavHeader, max_seconds: float, trim: bool) -> None:
     """Refuse a WAV whose header gives a rate outside 8-96 kHz or (unless `trim`) a length over `max_seconds`
     (other formats, and WAVs of unknown length, are bounded by ffmpeg's `-t`)."""
-    header = _wav_header(data)
-    if header is None:
-        return
     if not MIN_RATE <= header.rate <= MAX_RATE:
         raise UndecodableAudio(
             f"The audio's sample rate is {header.rate} Hz; rates from {MIN_RATE // 1000} to {MAX_RATE // 1000} kHz "
@@ -122,11 +121,10 @@ def _check_wav_header(data: bytes, max_seconds: float, trim: bool) -> None:
         raise AudioTooLong(f"The audio is longer than {max_seconds:g} seconds.")
 
 
-def _finite(data: bytes) -> bytes:
+def _finite(data: bytes, header: _WavHeader) -> bytes:
     """A float WAV with NaN or infinite samples, cleaned as the microphone's are (NaN -> 0, +-inf -> +-1):
     ffmpeg would turn them into full-scale samples, a thump in the question."""
-    header = _wav_header(data)
-    if header is None or header.float_bits is None:
+    if header.float_bits is None:
         return data
     dtype = np.dtype("<f4" if header.float_bits == 32 else "<f8")
     present = min(header.data_bytes, len(data) - header.data_start)  # the header may claim more (or "unknown")

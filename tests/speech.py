@@ -69,3 +69,12 @@ def wav_bytes(samples: np.ndarray, rate: int = RATE) -> bytes:
 def write_wav(path: Path, samples: np.ndarray, rate: int = RATE) -> Path:
     path.write_bytes(wav_bytes(samples, rate))
     return path
+
+
+def float_wav(samples: np.ndarray, rate: int = RATE) -> bytes:
+    """A 32-bit IEEE float mono WAV, written by hand (the stdlib writes integer PCM only)."""
+    body = samples.astype("<f4").tobytes()
+    fmt = (3).to_bytes(2, "little") + (1).to_bytes(2, "little") + rate.to_bytes(4, "little") + \
+        (4 * rate).to_bytes(4, "little") + (4).to_bytes(2, "little") + (32).to_bytes(2, "little")
+    chunks = b"fmt " + len(fmt).to_bytes(4, "little") + fmt + b"data" + len(body).to_bytes(4, "little") + body
+    return b"RIFF" + (4 + len(chunks)).to_bytes(4, "little") + b"WAVE" + chunks

@@ -11,7 +11,7 @@ import pytest
 
 from omni_server import audio_decode
 from omni_server.audio_decode import UndecodableAudio, decode_audio_file, decode_base64
-from tests.speech import silence, wav_bytes
+from tests.speech import float_wav, silence, wav_bytes
 
 
 def test_golden_input_decodes_to_the_reference_features(shared_dir: Path) -> None:
@@ -91,15 +91,6 @@ def test_a_plain_16k_wav_is_read_directly_with_the_samples_ffmpeg_gives(monkeypa
     monkeypatch.setattr(audio_decode.subprocess, "run", lambda *a, **k: started.append(a) or None)
     assert len(decode_audio_file(wav, max_seconds=30.0)) == 20_000
     assert not started, "a plain 16 kHz WAV does not start ffmpeg"
-
-
-def float_wav(samples: np.ndarray, rate: int = 16_000) -> bytes:
-    """A 32-bit IEEE float mono WAV, written by hand (the stdlib writes integer PCM only)."""
-    body = samples.astype("<f4").tobytes()
-    fmt = (3).to_bytes(2, "little") + (1).to_bytes(2, "little") + rate.to_bytes(4, "little") + \
-        (4 * rate).to_bytes(4, "little") + (4).to_bytes(2, "little") + (32).to_bytes(2, "little")
-    chunks = b"fmt " + len(fmt).to_bytes(4, "little") + fmt + b"data" + len(body).to_bytes(4, "little") + body
-    return b"RIFF" + (4 + len(chunks)).to_bytes(4, "little") + b"WAVE" + chunks
 
 
 def test_nan_and_infinite_float_samples_are_cleaned_not_a_thump() -> None:
