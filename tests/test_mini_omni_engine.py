@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -255,7 +256,7 @@ def test_missing_or_empty_checkpoint_dir_is_downloaded_into(tmp_path: Path, tiny
     """The Hub is unreachable here: the download itself is replaced by a copy of the tiny checkpoint."""
     fetched: list[Path | None] = []
 
-    def fake_download(local_dir: Path | None = None) -> Path:
+    def fake_download(local_dir: Path | None = None, progress=None) -> Path:
         fetched.append(local_dir)
         shutil.copytree(tiny_dir, local_dir)
         return local_dir
@@ -282,6 +283,58 @@ def test_a_download_reports_its_progress_in_megabytes(tmp_path: Path) -> None:
     said: list[str] = []
     download_verified(source.as_uri(), tmp_path / "cache" / "small.pt", said.append)
     assert said[0] == "downloading small.pt: 0 of 3 MB" and said[-1] == "downloading small.pt: 3 of 3 MB", said
+
+
+def test_a_hub_download_reports_the_bytes_its_folder_gains_against_the_files_sizes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Hub is unreachable here: `snapshot_download` is replaced by one that plans two files (one already
+    there) and then writes the missing 3 MB slowly, as a download does."""
+    import huggingface_hub
+    from huggingface_hub.file_download import DryRunFileInfo
+
+    local = tmp_path / "checkpoint"
+    local.mkdir()
+    (local / "model_config.yaml").write_bytes(b"c" * 2_000_000)  # cached: neither in the total nor the count
+
+    def fake_snapshot_download(repo: str, *, local_dir, allow_patterns, dry_run: bool = False):
+        if dry_run:
+            return [DryRunFileInfo("abc", 2_000_000, "model_config.yaml", str(local / "model_config.yaml"), True, False),
+                    DryRunFileInfo("abc", 3_000_000, "lit_model.pth", str(local / "lit_model.pth"), False, True)]
+        with (local / "lit_model.pth.incomplete").open("wb") as part:
+            for _ in range(6):
+                part.write(b"w" * 500_000)
+                part.flush()
+                time.sleep(0.05)
+        (local / "lit_model.pth.incomplete").rename(local / "lit_model.pth")
+        return str(local_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(checkpoint, "PROGRESS_EVERY_S", 0.02)
+    said: list[str] = []
+    assert checkpoint.hub_download("gpt-omni/mini-omni", said.append, local_dir=local) == local
+    assert said[0] == "downloading mini-omni: 0 of 3 MB" and said[-1] == "downloading mini-omni: 3 of 3 MB", said
+    assert len(said) >= 3 and said == sorted(set(said), key=said.index), "it grows, each line said once"
+
+
+def test_a_whisper_mirror_is_used_and_checked_like_the_original(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_dir: Path
+) -> None:
+    payload = (tiny_dir / "small.pt").read_bytes()
+    mirror = tmp_path / "mirror" / hashlib.sha256(payload).hexdigest() / "small.pt"
+    mirror.parent.mkdir(parents=True)
+    mirror.write_bytes(payload)
+    checkpoint_dir = tmp_path / "checkpoint"
+    shutil.copytree(tiny_dir, checkpoint_dir, ignore=shutil.ignore_patterns("small.pt"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv(checkpoint.WHISPER_URL_VARIABLE, mirror.as_uri())
+    said: list[str] = []
+    files = locate(checkpoint_dir, said.append)
+    assert files.whisper == tmp_path / "cache" / "whisper" / "small.pt"
+    assert files.whisper.read_bytes() == payload and said[-1].startswith("downloading small.pt: ")
+    monkeypatch.setenv(checkpoint.WHISPER_URL_VARIABLE, "https://example.invalid/models/small.pt")
+    with pytest.raises(CheckpointError, match="OMNI_WHISPER_URL must end in /<sha256 of the file>/small.pt"):
+        locate(checkpoint_dir, said.append)
 
 
 def test_download_keeps_only_a_file_with_the_sha256_of_its_url(tmp_path: Path) -> None:
