@@ -14,6 +14,7 @@ tab, and the chat and status line, which a Start handler streams as the conversa
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import shutil
 import tempfile
@@ -374,6 +375,8 @@ app = create_app(handlers)
 
 
 def main() -> None:
+    # The app's own lines and its model server's (one summary per reply); the server keeps no access log.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     atexit.register(backend.close)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so atexit stops the launched server
     backend.start()

@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     shown_host = f"[{bound_host}]" if ":" in bound_host else bound_host
     print(f"{LISTENING_PREFIX}http://{shown_host}:{bound_port}", flush=True)
     host.start_loading()
-    config = uvicorn.Config(create_app(host), log_level=args.log_level, timeout_graceful_shutdown=2)
+    # No access log: a launcher polls /health every second; each reply logs its own summary.
+    config = uvicorn.Config(create_app(host), log_level=args.log_level, access_log=False, timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
     if args.stop_on_stdin_close:
         threading.Thread(target=_stop_at_stdin_eof, args=(server,), name="stdin-watch", daemon=True).start()

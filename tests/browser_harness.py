@@ -86,16 +86,17 @@ class RunningApp:
 
 @contextmanager
 def running_app(
-    log_path: Path, *extra_args: str, timeout_s: float = 90.0, app_dir: Path = REPO_ROOT
+    log_path: Path, *extra_args: str, timeout_s: float = 90.0, app_dir: Path = REPO_ROOT,
+    engine_args: tuple[str, ...] = ("--engine", "echo"), env: dict[str, str] | None = None,
 ) -> Iterator[RunningApp]:
-    """`python app.py --engine echo` (of `app_dir`, this checkout unless told) on 127.0.0.1 and a free port,
-    once its page is served."""
+    """`python app.py --engine echo` (of `app_dir`, this checkout unless told; `engine_args` pick another
+    engine, `env` adds variables) on 127.0.0.1 and a free port, once its page is served."""
     port = free_port()
     env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
-           "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+           "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "app.py", "--engine", "echo", *extra_args], cwd=app_dir,
+        process = subprocess.Popen([sys.executable, "app.py", *engine_args, *extra_args], cwd=app_dir,
                                    env=env, stdout=log, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
         try:

@@ -246,6 +246,22 @@ def test_smallest_accepted_max_tokens_gives_audio(default_engine, reference_engi
     assert len(b"".join(pieces)) == 2 * 4 * FRAME_SAMPLES
 
 
+def test_the_cpu_warm_up_pays_the_first_call_costs_without_the_whisper_encoder(
+    tiny_dir: Path, chirp: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The encoder's fixed 30 s input costs the same every call, so the warm-up skips it (bench/warm_up.py);
+    it still runs a reply through the prefill, the steps and SNAC."""
+    from omni_server.mini_omni.whisper import WhisperEncoder
+
+    encodes: list[int] = []
+    forward = WhisperEncoder.forward
+    monkeypatch.setattr(WhisperEncoder, "forward", lambda self, *a, **k: encodes.append(1) or forward(self, *a, **k))
+    engine, _ = load_engine(tiny_dir, "default")
+    assert encodes == [] and engine.last_reply is not None and engine.last_reply.audio_samples > 0
+    reply(engine, ChatRequest(audio=chirp))
+    assert encodes == [1], "a user's question is encoded"
+
+
 def test_missing_checkpoint_files_are_named(tmp_path: Path) -> None:
     (tmp_path / "lit_model.pth").write_bytes(b"")
     with pytest.raises(CheckpointError, match="model_config.yaml, tokenizer.json"):

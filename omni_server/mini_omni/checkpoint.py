@@ -13,6 +13,7 @@ import hashlib
 import os
 import tempfile
 import threading
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -180,7 +181,7 @@ def whisper_cache_dir() -> Path:
 
 def download_verified(url: str, target: Path, progress: Progress = lambda _: None) -> Path:
     """Download `url` to `target` via a temporary file, keeping it only if its sha256 matches the URL's;
-    `progress` hears "downloading NAME: X of Y MB" at most once per MB."""
+    `progress` hears "downloading NAME: X of Y MB" at the start, every PROGRESS_EVERY_S and at the end."""
     expected = _expected_sha256(url)
     target.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
@@ -189,13 +190,16 @@ def download_verified(url: str, target: Path, progress: Progress = lambda _: Non
         try:
             with urllib.request.urlopen(url, timeout=60) as response:
                 total = int(response.headers.get("Content-Length") or 0)
-                done = 0
+                done, said_at = 0, time.monotonic()
                 progress(download_line(name, done, total))
                 while chunk := response.read(1 << 20):
                     digest.update(chunk)
                     part.write(chunk)
                     done += len(chunk)
-                    progress(download_line(name, done, total))
+                    if time.monotonic() - said_at >= PROGRESS_EVERY_S:
+                        progress(download_line(name, done, total))
+                        said_at = time.monotonic()
+                progress(download_line(name, done, total))
         except BaseException:
             os.unlink(part.name)
             raise
