@@ -40,6 +40,7 @@ import threading  # noqa: E402
 import time  # noqa: E402
 from collections.abc import AsyncIterator  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
+from typing import NamedTuple  # noqa: E402
 
 import gradio as gr  # noqa: E402
 import uvicorn  # noqa: E402
@@ -75,6 +76,43 @@ STOP_JS = "() => window.omniLive.stop()"
 WELCOME = "Click **Start** and speak; the answer plays when you pause, and you can talk over it to cut in."
 
 
+class PageOpened(NamedTuple):
+    """`page_loaded`'s outputs, in `build_demo`'s order (it wires them by these names)."""
+
+    session: Session
+    status: str
+    server: str
+
+
+class ServerView(NamedTuple):
+    """`server_tick`'s outputs: the main status line (only before a conversation) and the server line."""
+
+    status: object
+    server: object
+
+
+class ConversationView(NamedTuple):
+    """`start`'s outputs: the live channel's token (once), the chat and the status line."""
+
+    token: object
+    chatbot: object
+    status: object
+
+
+class StoppedView(NamedTuple):
+    """`stop`'s outputs."""
+
+    chatbot: list[dict]
+    status: str
+
+
+class ApiReply(NamedTuple):
+    """`api_chat`'s outputs: the reply's MP3 (None when the server sent no audio) and its text."""
+
+    answer: str | None
+    text: str
+
+
 @dataclass
 class Session:
     """One browser tab: its conversation, its audio files and its live channel, when one is open."""
@@ -108,7 +146,7 @@ class Handlers:
         self._api_lock = threading.Lock()
         self._api_replies = itertools.count(1)
 
-    def page_loaded(self, request: gr.Request | None = None) -> tuple[Session, str, str]:
+    def page_loaded(self, request: gr.Request | None = None) -> PageOpened:
         """A new tab: its own session (made here, not by a gr.State factory, which Gradio would publish as an
         API endpoint), and the server's state."""
         self.backend.start()
@@ -117,7 +155,7 @@ class Handlers:
                           server_line_shown=self._server_line())
         if request is not None and request.session_hash:
             self._open_tabs[request.session_hash] = session
-        return session, self._idle_status(), session.server_line_shown
+        return PageOpened(session, self._idle_status(), session.server_line_shown)
 
     def page_closed(self, request: gr.Request | None = None) -> None:
         """The tab was closed or reloaded (Gradio's unload): its conversation ends and its audio goes now."""
@@ -133,15 +171,15 @@ class Handlers:
             self.tokens.revoke(session)
             session.close()
 
-    def server_tick(self, session: Session | None) -> tuple[object, object]:
+    def server_tick(self, session: Session | None) -> ServerView:
         """Keep the server line current (loading progress, a restart, an error). The main status line
         follows it only before a conversation, so it never hides what the conversation is doing."""
         line = self._server_line()
         if session is None or line == session.server_line_shown:  # None: the page has not loaded yet
-            return gr.skip(), gr.skip()
+            return ServerView(gr.skip(), gr.skip())
         session.server_line_shown = line
         idle = session.conversation.phase is Phase.IDLE
-        return (self._idle_status() if idle else gr.skip()), line
+        return ServerView(self._idle_status() if idle else gr.skip(), line)
 
     def options_changed(self, session: Session | None, patience: str, semantic: bool, pause_secs: float,
                         start_secs: float, barge_in: bool) -> None:
@@ -150,23 +188,24 @@ class Handlers:
             options = turn_options(str(patience), bool(semantic), float(pause_secs), float(start_secs))
             session.conversation.set_options(options, bool(barge_in))
 
-    async def start(self, session: Session) -> AsyncIterator[tuple[object, object, object]]:
+    async def start(self, session: Session) -> AsyncIterator[ConversationView]:
         """Start clicked: hand the page a token for its live channel, then stream the chat and the status line
-        as the conversation changes, until it stops. Outputs: (token, chat, status). Async, so a conversation
+        as the conversation changes, until it stops. Async, so a conversation
         holds no worker thread while it lasts: it looks for changes every FOLLOW_POLL_S."""
         conversation = session.conversation
         if conversation.phase not in (Phase.IDLE, Phase.STOPPED):
             return  # a double click: the running conversation's follower is at work
-        yield self.tokens.issue(session), gr.skip(), "Opening the microphone…"
+        yield ConversationView(self.tokens.issue(session), gr.skip(), "Opening the microphone…")
         deadline = time.monotonic() + CONNECT_TIMEOUT_S
         while conversation.phase in (Phase.IDLE, Phase.STOPPED):
             if time.monotonic() > deadline:
                 self.tokens.revoke(session)
-                yield "", gr.skip(), ("The page could not open its live audio connection to the app (the microphone "
-                                      "was refused, or a proxy blocks WebSockets). Click **Start** to try again.")
+                yield ConversationView("", gr.skip(), (
+                    "The page could not open its live audio connection to the app (the microphone was refused, or a "
+                    "proxy blocks WebSockets). Click **Start** to try again."))
                 return
             await asyncio.sleep(FOLLOW_POLL_S)
-        shown: tuple[list[dict], str] | None = None
+        shown: StoppedView | None = None
         seen = -1
         while True:
             stopped = conversation.phase is Phase.STOPPED
@@ -177,15 +216,15 @@ class Handlers:
                     await asyncio.sleep(FOLLOW_POLL_S)
             if conversation.version != seen:
                 seen = conversation.version
-                view = (self._chat(conversation), self._status(conversation))
+                view = StoppedView(self._chat(conversation), self._status(conversation))
                 if view != shown:
                     shown = view
-                    yield gr.skip(), *view
+                    yield ConversationView(gr.skip(), *view)
             if stopped:
                 return
             await asyncio.sleep(FOLLOW_POLL_S)
 
-    def stop(self, session: Session) -> tuple[list[dict], str]:
+    def stop(self, session: Session) -> StoppedView:
         """Stop clicked: end the conversation, keeping everything heard and said so far. The page stops its
         side over the socket first (which knows how much of the reply was heard); this is the fallback."""
         link = session.link
@@ -194,7 +233,7 @@ class Handlers:
             link.close()
         end_conversation(session.conversation, session.files)  # a no-op when the link has ended it already
         self.tokens.revoke(session)
-        return self._chat(session.conversation), self._status(session.conversation)
+        return StoppedView(self._chat(session.conversation), self._status(session.conversation))
 
     def open_link(self, session: Session, send: Send) -> LiveLink | None:
         """The live route found `session` by its token: the tab's channel to a new conversation, or None when
@@ -205,7 +244,7 @@ class Handlers:
         session.link = link
         return link
 
-    def api_chat(self, question_path: str | None) -> tuple[str | None, str]:
+    def api_chat(self, question_path: str | None) -> ApiReply:
         """For programs: a whole spoken question (an audio file) in, the whole spoken reply (MP3) and its text
         out. Gradio hands over the file undecoded; its size, rate and length are checked before decoding."""
         if question_path is None:
@@ -219,7 +258,7 @@ class Handlers:
             raise gr.Error(error.message) from error
         except (UndecodableAudio, DecoderUnavailable) as error:
             raise gr.Error(str(error)) from error
-        return (str(mp3) if mp3 is not None else None), text
+        return ApiReply(str(mp3) if mp3 is not None else None, text)
 
     @staticmethod
     def _chat(conversation: Conversation) -> list[dict]:
@@ -282,6 +321,11 @@ LIVE_CSS = """
 """
 
 
+def outputs(fields: tuple[str, ...], components: dict[str, gr.components.Component]) -> list[gr.components.Component]:
+    """A handler's output components, in the order of its named outputs' `_fields`."""
+    return [components[name] for name in fields]
+
+
 def build_demo(handlers: Handlers) -> gr.Blocks:
     """The page, wired to `handlers`; a function so tests can build it around a backend of their own."""
     ttl = round(FILE_TTL_S)
@@ -316,24 +360,26 @@ def build_demo(handlers: Handlers) -> gr.Blocks:
         server_timer = gr.Timer(SERVER_CHECK_S)
 
         quiet = {"api_visibility": "private", "show_progress": "hidden"}
-        demo.load(handlers.page_loaded, None, [session, status, server_info], **quiet)
+        shown = {"session": session, "status": status, "server": server_info, "chatbot": chatbot, "token": token}
+        demo.load(handlers.page_loaded, None, outputs(PageOpened._fields, shown), **quiet)
         demo.unload(handlers.page_closed)
-        server_timer.tick(handlers.server_tick, [session], [status, server_info], **quiet)
+        server_timer.tick(handlers.server_tick, [session], outputs(ServerView._fields, shown), **quiet)
         options = [session, patience, semantic, pause_secs, start_secs, barge_in]
         for option in options[1:]:
             option.change(handlers.options_changed, options, None, **quiet)
         start.click(None, None, None, js=PREPARE_JS)
-        following = start.click(handlers.start, [session], [token, chatbot, status], concurrency_limit=None,
+        following = start.click(handlers.start, [session], outputs(ConversationView._fields, shown), concurrency_limit=None,
                                 **quiet)
         token.change(None, [token], None, js=CONNECT_JS)
         stop.click(None, None, None, js=STOP_JS)
-        stop.click(handlers.stop, [session], [chatbot, status], cancels=[following], **quiet)
+        stop.click(handlers.stop, [session], outputs(StoppedView._fields, shown), cancels=[following], **quiet)
 
         api_question = gr.Audio(type="filepath", format=None, visible=False)  # undecoded: api_chat checks it
         api_answer = gr.Audio(type="filepath", visible=False)
         api_text = gr.Textbox(visible=False)
         api_trigger = gr.Button(visible=False)
-        api_trigger.click(handlers.api_chat, [api_question], [api_answer, api_text], api_name="chat",
+        api_outputs = outputs(ApiReply._fields, {"answer": api_answer, "text": api_text})
+        api_trigger.click(handlers.api_chat, [api_question], api_outputs, api_name="chat",
                           api_description="Send a spoken question (an audio file); get the spoken reply (MP3) "
                                           "and its text (empty when the server sends none).")
     return demo

@@ -13,7 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import omni_client
-from omni_client import HealthStatus, ServerHealth
+from omni_server.protocol import Health, HealthStatus
+from server_process import LaunchError, LocalServer
 
 WATCH_INTERVAL_S = 2.0  # how often a launched server is checked (and restarted if it died)
 # A launched server that misses this many health checks in a row (each waits 3 s) is frozen, not busy: ours
@@ -26,10 +27,10 @@ class Backend:
     def __init__(self, *, server_url: str | None, engine: str = "auto", checkpoint_dir: Path | None = None) -> None:
         self._external_url = server_url.rstrip("/") if server_url else None
         self._local = (
-            None if self._external_url else omni_client.LocalServer(engine=engine, checkpoint_dir=checkpoint_dir)
+            None if self._external_url else LocalServer(engine=engine, checkpoint_dir=checkpoint_dir)
         )
         self._lock = threading.Lock()
-        self._health = ServerHealth(HealthStatus.LOADING, "", "starting")
+        self._health = Health(HealthStatus.LOADING, "", "starting")
         self._progress = "Starting the model server"
         self._closed = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -59,7 +60,7 @@ class Backend:
                 self._check_health()
             self._closed.wait(WATCH_INTERVAL_S)
 
-    def _keep_local_server_up(self, local: omni_client.LocalServer) -> None:
+    def _keep_local_server_up(self, local: LocalServer) -> None:
         try:
             local.ensure_running()
             if self._health.status is not HealthStatus.READY:
@@ -73,9 +74,9 @@ class Backend:
                 self._missed_checks += 1
                 if self._missed_checks >= HUNG_AFTER_MISSED_CHECKS:
                     self._show_progress("The model server stopped answering; starting a new one")
-                    self._health = ServerHealth(HealthStatus.LOADING, self._health.engine, "restarting")
+                    self._health = Health(HealthStatus.LOADING, self._health.engine, "restarting")
                     local.replace()
-        except (omni_client.LaunchError, omni_client.ReplyError) as error:
+        except (LaunchError, omni_client.ReplyError) as error:
             if not self._closed.is_set():
                 self._show_error(error.message)
 
@@ -99,7 +100,7 @@ class Backend:
 
     def _show_error(self, sentence: str) -> None:
         """Keep the engine's name, so the status line still says which server has the problem."""
-        self._health = ServerHealth(HealthStatus.ERROR, self._health.engine, sentence)
+        self._health = Health(HealthStatus.ERROR, self._health.engine, sentence)
 
     def _show_progress(self, sentence: str) -> None:
         self._progress = sentence
@@ -151,6 +152,6 @@ class Backend:
         if self._local is not None:
             try:
                 return self._local.ensure_running()
-            except omni_client.LaunchError as error:
+            except LaunchError as error:
                 raise omni_client.ReplyError(omni_client.FailureKind.UNREACHABLE, error.message) from error
         return self.url

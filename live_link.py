@@ -106,7 +106,7 @@ class LiveLink:
                                        engine_first_audio_s=None if engine_s is None else round(engine_s, 4)))
         if reply.pcm:
             samples = len(reply.pcm) // 2
-            deadline = threading.Timer(samples / wire.REPLY_SAMPLE_RATE + PLAYED_GRACE_S, self.played,
+            deadline = threading.Timer(samples / wire.OUTPUT_SAMPLE_RATE + PLAYED_GRACE_S, self.played,
                                        (turn, samples, True))
             deadline.daemon = True
             deadline.start()

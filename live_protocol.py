@@ -16,7 +16,7 @@ Down (app -> browser):
 - text `{"type": "turn", "turn": n, "speech_end_s": s, "utterance_s": d}`: the user's turn n ended; its
   speech ended s seconds into the microphone stream (counted from the first frame sent), and the d seconds
   sent to the model (speech with a little before and after it) are being answered.
-- binary: reply audio, a 4-byte little-endian turn number then s16le mono PCM at REPLY_SAMPLE_RATE. Pieces of
+- binary: reply audio, a 4-byte little-endian turn number then s16le mono PCM at OUTPUT_SAMPLE_RATE. Pieces of
   one turn play gaplessly; pieces of a flushed turn are dropped.
 - text `{"type": "reply_end", "turn": n, "engine_first_audio_s": s}`: no more audio for turn n (play what is
   buffered, then report); s is the model server's share of the wait (request to first audio), or null.
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from omni_client import REPLY_SAMPLE_RATE
+from omni_server.protocol import OUTPUT_SAMPLE_RATE
 from vad import VAD_SAMPLE_RATE, WINDOW_SAMPLES
 
 MIC_SAMPLE_RATE = VAD_SAMPLE_RATE  # the page records at the detector's rate, so nothing is resampled here
@@ -146,5 +146,5 @@ def page_settings() -> dict[str, object]:
     return {
         "micSampleRate": MIC_SAMPLE_RATE,
         "micFrameSamples": MIC_FRAME_SAMPLES,
-        "replySampleRate": REPLY_SAMPLE_RATE,
+        "replySampleRate": OUTPUT_SAMPLE_RATE,
     }

@@ -1,4 +1,4 @@
-"""Talking to a mini-omni-compatible server: send one utterance, stream the spoken reply, launch a local server.
+"""Talking to a mini-omni-compatible server: send one utterance, stream the spoken reply; ask its health.
 
 Works with the original mini-omni server (HTTP/1.0, raw PCM, close-delimited, failures as HTML 500s or a body
 that just stops), with mini-omni2's multipart answer (audio and text parts), and with our `omni_server`
@@ -9,21 +9,15 @@ failure has already been yielded, so the caller can keep it.
 
 from __future__ import annotations
 
-import atexit
 import base64
-import collections
 import enum
 import json
 import logging
 import queue
 import socket
-import subprocess
-import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import requests
@@ -31,12 +25,11 @@ import soxr
 import urllib3
 
 from audio_files import float_to_pcm16, wav_bytes
-from omni_server import LISTENING_PREFIX
+from omni_server import protocol
+from omni_server.protocol import INPUT_SAMPLE_RATE, Health, HealthStatus
 
 log = logging.getLogger(__name__)
 
-REPLY_SAMPLE_RATE = 24_000
-UTTERANCE_SAMPLE_RATE = 16_000
 READ_SIZE = 4096  # at most this many bytes are read (and held) before being handed on
 ERROR_BODY_LIMIT = 64 * 1024
 
@@ -92,7 +85,7 @@ class ReplyError(Exception):
         self.message = message
 
 
-def utterance_wav(samples: np.ndarray, sample_rate: int = UTTERANCE_SAMPLE_RATE) -> bytes:
+def utterance_wav(samples: np.ndarray, sample_rate: int = INPUT_SAMPLE_RATE) -> bytes:
     """A 16 kHz mono 16-bit WAV of `samples` (float in [-1, 1], or int16), resampled if needed.
 
     16 kHz is what the model's encoder works at, so sending it saves the server a resampling step.
@@ -101,9 +94,9 @@ def utterance_wav(samples: np.ndarray, sample_rate: int = UTTERANCE_SAMPLE_RATE)
     floats = audio.astype(np.float32) / 32768.0 if audio.dtype == np.int16 else audio.astype(np.float32)
     if floats.ndim == 2:  # (samples, channels), as Gradio gives stereo
         floats = floats.mean(axis=1)
-    if sample_rate != UTTERANCE_SAMPLE_RATE:
-        floats = soxr.resample(floats, sample_rate, UTTERANCE_SAMPLE_RATE)
-    return wav_bytes(float_to_pcm16(floats), UTTERANCE_SAMPLE_RATE)
+    if sample_rate != INPUT_SAMPLE_RATE:
+        floats = soxr.resample(floats, sample_rate, INPUT_SAMPLE_RATE)
+    return wav_bytes(float_to_pcm16(floats), INPUT_SAMPLE_RATE)
 
 
 def stream_reply(
@@ -261,7 +254,7 @@ def _server_sentence(content_type: str, body: bytes) -> str:
     if "json" not in content_type.lower():
         return ""
     try:
-        error = json.loads(body).get("error")
+        error = json.loads(body).get(protocol.ERROR)
     except (ValueError, AttributeError):
         return ""
     return error.strip() if isinstance(error, str) else ""
@@ -440,12 +433,12 @@ class _MultipartParser:
             status = json.loads(part)
         except ValueError as error:
             raise ReplyError(FailureKind.GARBAGE, "A status part of the model server's reply is not JSON.") from error
-        if isinstance(status, dict) and isinstance(status.get("queue_position"), int):
-            yield ReplyQueued(status["queue_position"])
-        if isinstance(status, dict) and isinstance(status.get("loading"), str):
-            yield ReplyLoading(status["loading"])
-        if isinstance(status, dict) and isinstance(status.get("error"), str):
-            self._server_error = status["error"]
+        if isinstance(status, dict) and isinstance(status.get(protocol.QUEUE_POSITION), int):
+            yield ReplyQueued(status[protocol.QUEUE_POSITION])
+        if isinstance(status, dict) and isinstance(status.get(protocol.LOADING), str):
+            yield ReplyLoading(status[protocol.LOADING])
+        if isinstance(status, dict) and isinstance(status.get(protocol.ERROR), str):
+            self._server_error = status[protocol.ERROR]
 
 
 def _part_kind(content_type: str) -> _PartKind:
@@ -477,192 +470,13 @@ def _parser_for(content_type: str) -> _RawPcmParser | _MultipartParser:
 # --- health ---------------------------------------------------------------------------------------------------
 
 
-class HealthStatus(enum.Enum):
-    LOADING = "loading"
-    READY = "ready"
-    ERROR = "error"
-    UNKNOWN = "unknown"  # a server without /health (the original mini-omni): reachable, state unknown
-
-
-@dataclass(frozen=True)
-class ServerHealth:
-    status: HealthStatus
-    engine: str  # "mini-omni", "echo", or "" when unknown
-    detail: str  # loading progress, why this engine, or the load error
-    busy: bool = False
-    waiting: int = 0  # requests queued behind the one being served
-
-
-def fetch_health(server_url: str, timeout_s: float = 3.0) -> ServerHealth:
+def fetch_health(server_url: str, timeout_s: float = 3.0) -> Health:
     """GET /health. Raises `ReplyError(UNREACHABLE)` if nothing answers; a server without /health is UNKNOWN."""
     try:
         response = requests.get(f"{server_url.rstrip('/')}/health", timeout=timeout_s)
     except requests.exceptions.RequestException as error:
         raise ReplyError(FailureKind.UNREACHABLE, f"Could not reach the model server at {server_url}.") from error
     try:
-        data = response.json() if response.status_code == 200 else None
-        return ServerHealth(HealthStatus(data["status"]), str(data.get("engine", "")), str(data.get("detail", "")),
-                            bool(data.get("busy", False)), int(data.get("waiting", 0)))
+        return Health.from_json(response.json() if response.status_code == 200 else None)
     except (ValueError, KeyError, TypeError):
-        return ServerHealth(HealthStatus.UNKNOWN, "", "the server has no health endpoint (a reference mini-omni server?)")
-
-
-# --- launching a local server -----------------------------------------------------------------------------------
-
-
-class LaunchError(Exception):
-    """The local model server could not be started or could not load; `message` is a plain sentence."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class LocalServer:
-    """`python -m omni_server` as a child process on 127.0.0.1 and a free port, stopped when we exit.
-
-    The child learns of our death even on SIGKILL: it stops when its stdin (a pipe from us) closes.
-    """
-
-    def __init__(
-        self,
-        *,
-        engine: str = "auto",
-        checkpoint_dir: Path | None = None,
-        device: str | None = None,
-        python: str = sys.executable,
-        start_timeout_s: float = 30.0,
-    ) -> None:
-        self._command = [python, "-m", "omni_server", "--host", "127.0.0.1", "--port", "0", "--engine", engine,
-                         "--stop-on-stdin-close"]
-        if checkpoint_dir is not None:
-            self._command += ["--checkpoint-dir", str(checkpoint_dir)]
-        if device is not None:
-            self._command += ["--device", device]
-        self._start_timeout_s = start_timeout_s
-        self._process: subprocess.Popen[bytes] | None = None
-        self._url: str | None = None
-        self._log: collections.deque[str] = collections.deque(maxlen=40)
-        self._lock = threading.Lock()
-        self.restarts = 0
-
-    @property
-    def url(self) -> str:
-        """The base URL of the running child (changes after a restart)."""
-        if self._url is None:
-            raise LaunchError("The local model server has not been started.")
-        return self._url
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
-    def start(self) -> str:
-        """Launch the child and wait until it has bound its port (not until the model is loaded)."""
-        return self.ensure_running()
-
-    def ensure_running(self) -> str:
-        """Launch the child, or restart it if it died (the URL changes); returns the current URL."""
-        with self._lock:
-            if self.running:
-                return self.url
-            if self._process is not None:
-                log.warning("local model server exited (code %s); restarting", self._process.returncode)
-                self.restarts += 1
-            self._launch()
-            return self.url
-
-    def wait_ready(self, on_progress: Callable[[str], None] | None = None, timeout_s: float = 900.0) -> ServerHealth:
-        """Poll /health until ready, calling `on_progress(sentence)` whenever the loading step changes."""
-        deadline = time.monotonic() + timeout_s
-        said = ""
-        while True:
-            if not self.running:
-                raise LaunchError(self._exit_sentence())
-            try:
-                health = fetch_health(self.url, timeout_s=2.0)
-            except ReplyError:
-                health = ServerHealth(HealthStatus.LOADING, "", "starting")
-            if health.status is HealthStatus.READY:
-                return health
-            if health.status is HealthStatus.ERROR:
-                raise LaunchError(f"The model server could not load its model: {health.detail}")
-            sentence = f"Starting the model server ({health.engine}: {health.detail})" if health.engine else \
-                "Starting the model server"
-            if on_progress is not None and sentence != said:
-                on_progress(sentence)
-            said = sentence
-            if time.monotonic() > deadline:
-                raise LaunchError(f"The model server was not ready after {timeout_s:g} s ({health.detail}).")
-            time.sleep(0.2)
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
-
-    def replace(self) -> None:
-        """Kill a child that stopped answering (frozen, not dead: SIGTERM would wait behind its stop); the next
-        `ensure_running` launches a new one."""
-        with self._lock:
-            process = self._process
-            if process is None or process.poll() is not None:
-                return
-            log.warning("local model server %d stopped answering; replacing it", process.pid)
-            process.kill()
-            process.wait(timeout=5.0)
-
-    def stop(self, timeout_s: float = 5.0) -> None:
-        with self._lock:
-            process, self._process = self._process, None
-            self._url = None
-        atexit.unregister(self.stop)
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=timeout_s)
-
-    def __enter__(self) -> LocalServer:
-        self.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.stop()
-
-    def _launch(self) -> None:
-        self._log.clear()
-        process = subprocess.Popen(self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent)
-        self._process = process
-        atexit.register(self.stop)
-        bound: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._drain, args=(process, bound), name="omni-server-log", daemon=True).start()
-        try:
-            self._url = bound.get(timeout=self._start_timeout_s)
-        except queue.Empty:
-            pass
-        if not self._url or process.poll() is not None:
-            self._url = None
-            process.kill()
-            process.wait()
-            raise LaunchError(self._exit_sentence())
-        log.info("local model server at %s (pid %d)", self._url, process.pid)
-
-    def _drain(self, process: subprocess.Popen[bytes], bound: queue.Queue[str]) -> None:
-        """Forward the child's output to our log, keep its tail for error messages, and spot its URL."""
-        assert process.stdout is not None
-        for raw in process.stdout:
-            line = raw.decode("utf-8", "replace").rstrip()
-            self._log.append(line)
-            if line.startswith(LISTENING_PREFIX):
-                bound.put(line[len(LISTENING_PREFIX):].strip())
-            log.info("[omni_server] %s", line)
-        bound.put("")
-
-    def _exit_sentence(self) -> str:
-        last = next((line for line in reversed(self._log) if line.strip()), "")
-        because = f" Its last words: {last}" if last else ""
-        return f"The local model server stopped.{because}"
+        return Health(HealthStatus.UNKNOWN, "", "the server has no health endpoint (a reference mini-omni server?)")

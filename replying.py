@@ -21,7 +21,8 @@ import omni_client
 from audio_files import TurnFiles, encode_mp3
 from history import TurnFigures, assistant_turn, user_turn
 from omni_server.audio_decode import UndecodableAudio, decode_audio_file
-from omni_server.engine import INPUT_SAMPLE_RATE, MAX_INPUT_SECONDS
+from omni_server.engine import MAX_INPUT_SECONDS
+from omni_server.protocol import INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE
 from state import Conversation, HeardTurn, Reply
 from vad import VAD_SAMPLE_RATE
 
@@ -59,12 +60,12 @@ def file_reply(conversation: Conversation, reply: Reply, files: TurnFiles) -> No
     """Put the reply, complete or not, into the history: one MP3 of the audio the user heard, its text, its
     figures, and in words what cut it short."""
     heard = reply.heard_pcm
-    heard_s = len(heard) / 2 / omni_client.REPLY_SAMPLE_RATE
+    heard_s = len(heard) / 2 / OUTPUT_SAMPLE_RATE
     outcome = _outcome(reply, heard_s)
     mp3 = None
     if heard:
         try:
-            mp3 = files.reply_mp3(reply.turn.number, heard, omni_client.REPLY_SAMPLE_RATE)
+            mp3 = files.reply_mp3(reply.turn.number, heard, OUTPUT_SAMPLE_RATE)
         except OSError as error:  # e.g. a full disk: the text and figures still go into the chat
             log.warning("could not save the reply's audio: %s", error)
             unsaved = f"the reply's audio could not be saved ({error.strerror or error})"
@@ -165,5 +166,5 @@ def whole_reply(
     if not pcm:
         return None, text
     path = mp3_path_for()
-    path.write_bytes(encode_mp3(bytes(pcm), omni_client.REPLY_SAMPLE_RATE))
+    path.write_bytes(encode_mp3(bytes(pcm), OUTPUT_SAMPLE_RATE))
     return path, text

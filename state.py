@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from echo_gate import is_reply_echo
-from omni_client import REPLY_SAMPLE_RATE
+from omni_server.protocol import OUTPUT_SAMPLE_RATE
 from vad import VAD_SAMPLE_RATE, CompletionModel, PauseDetector, Utterance, VadOptions
 
 
@@ -67,7 +67,7 @@ EchoCheck = Callable[[np.ndarray, bytearray], bool]  # (speech heard at 16 kHz, 
 
 
 def reply_echo(heard: np.ndarray, reply_pcm: bytearray) -> bool:
-    return is_reply_echo(heard, VAD_SAMPLE_RATE, reply_pcm, REPLY_SAMPLE_RATE)
+    return is_reply_echo(heard, VAD_SAMPLE_RATE, reply_pcm, OUTPUT_SAMPLE_RATE)
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ class Reply:
         if self.sounding_at is None:
             return bytearray()
         played_s = time.monotonic() - self.sounding_at + margin_s
-        return self.pcm[: 2 * round(played_s * REPLY_SAMPLE_RATE)]
+        return self.pcm[: 2 * round(played_s * OUTPUT_SAMPLE_RATE)]
 
     @property
     def heard_pcm(self) -> bytes:

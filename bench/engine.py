@@ -3,7 +3,7 @@
 Usage: python bench/engine.py [--checkpoint DIR] [--device cpu|cuda] [--steps 64] [--requests 2]
                               [--dtypes fp32 bf16] [--threads N]
 
-Without --checkpoint, writes recipe weights of the real size (SPEC §2-§3, §14: seed 7, eoa gain 0.3,
+Without --checkpoint, writes recipe weights of the real size (docs/mini-omni.md §2-§3, §15: seed 7, eoa gain 0.3,
 whisper-small in fp16, SNAC, a word tokenizer) to a temporary folder outside the repo; no download. Each
 precision runs in its own subprocess so its peak RSS is its own. With ../shared present it also reports
 bench/mini_omni_bf16_agreement.py (golden-A steps that bf16 keeps identical to fp32). Prints one JSON object
@@ -37,7 +37,7 @@ from omni_server.mini_omni.generate import generate_steps, prompt_length  # noqa
 from tests.mini_omni_helpers import chirp_audio, word_tokenizer  # noqa: E402
 
 SPEED_SEED = 7
-OUTPUT1_SECONDS = 31062 / 16000  # the golden input's length: prompt T = 101, as in SPEC §16
+OUTPUT1_SECONDS = 31062 / 16000  # the golden input's length: prompt T = 101 (docs/mini-omni.md §15)
 
 
 def peak_rss_gb() -> float:

@@ -1,6 +1,6 @@
 """Decode step, side by side: this model core against a reference-style step, interleaved in one process.
 
-The reference-style step does what SPEC §16/§17 describe of the reference: checkpoint-layout weights,
+The reference-style step does what docs/mini-omni.md §16 describes of the reference: checkpoint-layout weights,
 K/V expanded to all 14 heads in a 2048-slot cache read whole under a mask, and the full 181120-wide
 head for both items. Interleaving the two makes the ratio meaningful on a shared, noisy machine.
 

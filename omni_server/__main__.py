@@ -16,10 +16,10 @@ from pathlib import Path
 
 import uvicorn
 
-from omni_server import LISTENING_PREFIX
 from omni_server.engine_host import EngineHost
 from omni_server.engines import MINI_OMNI, EngineChoice, EngineOptions, load_engine
 from omni_server.http_app import create_app
+from omni_server.protocol import LISTENING_PREFIX
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from omni_server.engine import INPUT_SAMPLE_RATE
+from omni_server.protocol import INPUT_SAMPLE_RATE
 
 FFMPEG_TIMEOUT_S = 30.0
 MIN_RATE, MAX_RATE = 8_000, 96_000

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from omni_server.audio_decode import UndecodableAudio, decode_audio_file, decode_base64
-from omni_server.engine import INPUT_SAMPLE_RATE, MAX_INPUT_SECONDS, ChatRequest
+from omni_server.engine import MAX_INPUT_SECONDS, ChatRequest
+from omni_server.protocol import INPUT_SAMPLE_RATE
 
 # 30 s of 48 kHz stereo float32 WAV is 11.5 MB; base64 makes it 15.4 MB. 16 MiB admits that and little more.
 MAX_BODY_BYTES = 16 * 1024 * 1024

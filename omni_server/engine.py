@@ -7,22 +7,15 @@ checks its own limits in `check` (so a bad request gets a 4xx before any audio i
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
-INPUT_SAMPLE_RATE = 16_000
-OUTPUT_SAMPLE_RATE = 24_000
+from omni_server.protocol import INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE
+
 MAX_INPUT_SECONDS = 30.0
-
-
-class EngineStatus(str, enum.Enum):
-    LOADING = "loading"
-    READY = "ready"
-    ERROR = "error"
 
 
 @dataclass(frozen=True)

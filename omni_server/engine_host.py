@@ -8,9 +8,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
-
-from omni_server.engine import Engine, EngineStatus, LoadReport
+from omni_server.engine import Engine, LoadReport
+from omni_server.protocol import Health, HealthStatus
 
 log = logging.getLogger(__name__)
 
@@ -18,18 +17,11 @@ Loader = Callable[[LoadReport], tuple[Engine, str]]
 """Loads an engine, calling `report(engine_name, detail)` on the way; returns it and a sentence about it."""
 
 
-@dataclass(frozen=True)
-class Health:
-    status: EngineStatus
-    engine: str
-    detail: str
-
-
 class EngineHost:
     def __init__(self, loader: Loader, engine_name: str) -> None:
         self._loader = loader
         self._lock = threading.Lock()
-        self._health = Health(EngineStatus.LOADING, engine_name, "starting")
+        self._health = Health(HealthStatus.LOADING, engine_name, "starting")
         self._engine: Engine | None = None
 
     def start_loading(self) -> threading.Thread:
@@ -52,14 +44,14 @@ class EngineHost:
             engine, note = self._loader(self._report_progress)
         except Exception as error:  # any failure is shown in /health rather than killing the server
             log.exception("engine failed to load")
-            self._set(Health(EngineStatus.ERROR, self.health.engine, f"failed to load: {error}"), None)
+            self._set(Health(HealthStatus.ERROR, self.health.engine, f"failed to load: {error}"), None)
             return
         log.info("engine ready: %s", note)
-        self._set(Health(EngineStatus.READY, engine.name, note), engine)
+        self._set(Health(HealthStatus.READY, engine.name, note), engine)
 
     def _report_progress(self, engine_name: str, detail: str) -> None:
         log.info("%s: %s", engine_name, detail)
-        self._set(Health(EngineStatus.LOADING, engine_name, detail), None)
+        self._set(Health(HealthStatus.LOADING, engine_name, detail), None)
 
     def _set(self, health: Health, engine: Engine | None) -> None:
         with self._lock:

@@ -13,6 +13,7 @@ Differences from the reference, all chosen so a client can tell what went wrong:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import threading
@@ -25,20 +26,18 @@ from starlette.types import Message, Receive, Scope, Send
 
 from omni_server.audio_decode import DecoderUnavailable
 from omni_server.chat_request import MAX_BODY_BYTES, BadRequest, decode_request, parse_fields
-from omni_server.engine import (MAX_INPUT_SECONDS, AudioPiece, ChatRequest, Engine, EngineStatus, RequestRejected,
-                                TextPiece)
+from omni_server import protocol
+from omni_server.engine import MAX_INPUT_SECONDS, AudioPiece, ChatRequest, Engine, RequestRejected, TextPiece
 from omni_server.engine_host import EngineHost
+from omni_server.protocol import MULTIPART_BOUNDARY, MULTIPART_TYPE, RAW_AUDIO_TYPE, TRIMMED_HEADER, HealthStatus
 from omni_server.turns import Ticket, TurnQueue
 
 log = logging.getLogger(__name__)
 
-RAW_AUDIO_TYPE = "audio/wav"  # what the reference sends, although its body is headerless PCM
-MULTIPART_TYPE = "multipart/x-mixed-replace; boundary=frame"
 # A question over 30 s is answered from its first 30 s; the response says so in a header, and a multipart one
 # also in its first text part (which clients show with the reply's text).
-TRIMMED_HEADER = b"x-omni-input-trimmed-to-s"
 TRIMMED_NOTE = "(Only the first 30 seconds of your question were heard.) "
-PART_DELIMITER = b"\r\n--frame\r\n"
+PART_DELIMITER = f"\r\n--{MULTIPART_BOUNDARY}\r\n".encode()
 QUEUE_UPDATE_S = 1.0
 POLL_S = 0.25
 SEND_TIMEOUT_S = 20.0  # a client that does not take a piece for this long is dropped
@@ -53,18 +52,11 @@ def create_app(host: EngineHost) -> FastAPI:
 
     @app.exception_handler(BadRequest)
     async def bad_request(_request: Request, error: BadRequest) -> JSONResponse:
-        return JSONResponse({"error": error.message}, status_code=error.status)
+        return JSONResponse({protocol.ERROR: error.message}, status_code=error.status)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        state = host.health
-        return {
-            "status": state.status.value,
-            "engine": state.engine,
-            "detail": state.detail,
-            "busy": turns.busy,
-            "waiting": turns.waiting,
-        }
+        return dataclasses.replace(host.health, busy=turns.busy, waiting=turns.waiting).to_json()
 
     @app.post("/chat", response_model=None)
     async def chat(request: Request) -> Response:
@@ -72,14 +64,14 @@ def create_app(host: EngineHost) -> FastAPI:
         ticket = turns.join()
         try:
             fields = parse_fields(await _read_body(request))
-            if host.health.status is EngineStatus.ERROR:
+            if host.health.status is HealthStatus.ERROR:
                 turns.leave(ticket)
-                return JSONResponse({"error": _not_ready_sentence(host)}, status_code=503)
+                return JSONResponse({protocol.ERROR: _not_ready_sentence(host)}, status_code=503)
             try:
                 chat_request = await asyncio.to_thread(decode_request, fields)
             except DecoderUnavailable as error:
                 turns.leave(ticket)
-                return JSONResponse({"error": str(error)}, status_code=500)
+                return JSONResponse({protocol.ERROR: str(error)}, status_code=500)
             engine = host.ready_engine
             if engine is not None:
                 _check(engine, chat_request)  # refused before any audio; while loading, once it is ready
@@ -122,7 +114,7 @@ def _check(engine: Engine, request: ChatRequest) -> None:
 
 def _not_ready_sentence(host: EngineHost) -> str:
     state = host.health
-    if state.status is EngineStatus.ERROR:
+    if state.status is HealthStatus.ERROR:
         return f"The model server could not load its engine ({state.detail})."
     return f"The model server is still starting ({state.detail}). Try again in a moment."
 
@@ -221,7 +213,7 @@ class _Writer:
 
     async def json_error(self, status: int, message: str) -> None:
         await self.start(status, "application/json")
-        await self._deliver({"type": "http.response.body", "body": _json({"error": message}), "more_body": False})
+        await self._deliver({"type": "http.response.body", "body": _json({protocol.ERROR: message}), "more_body": False})
 
     async def _deliver(self, message: Message) -> None:
         if self._gone.is_set():
@@ -246,7 +238,7 @@ class ReplyStream(Response):
         self._turns = turns
         self._ticket = ticket  # taken when the request arrived
         self._multipart = request.stream_text
-        self._headers = [(TRIMMED_HEADER, str(round(MAX_INPUT_SECONDS)).encode())] if request.trimmed else []
+        self._headers = [(TRIMMED_HEADER.encode(), str(round(MAX_INPUT_SECONDS)).encode())] if request.trimmed else []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         gone = asyncio.Event()
@@ -282,11 +274,11 @@ class ReplyStream(Response):
             if gone.is_set():
                 raise _ClientGone
             health = self._host.health
-            if health.status is EngineStatus.ERROR:
+            if health.status is HealthStatus.ERROR:
                 await self._refuse(writer, 503, _not_ready_sentence(self._host))
                 return None
             if self._multipart:
-                await writer.part("application/json", _json({"loading": f"{health.engine}: {health.detail}"}))
+                await writer.part("application/json", _json({protocol.LOADING: f"{health.engine}: {health.detail}"}))
             waited = True
             await asyncio.sleep(QUEUE_UPDATE_S if self._multipart else POLL_S)
         if waited:
@@ -302,7 +294,7 @@ class ReplyStream(Response):
         if not writer.started:
             await writer.json_error(status, message)
         else:
-            await writer.part("application/json", _json({"error": message}))
+            await writer.part("application/json", _json({protocol.ERROR: message}))
 
     async def _wait_turn(self, ticket: Ticket, writer: _Writer, gone: asyncio.Event) -> None:
         while True:
@@ -310,7 +302,7 @@ class ReplyStream(Response):
                 raise _ClientGone
             ahead = self._turns.ahead_of(ticket)
             if self._multipart:
-                await writer.part("application/json", _json({"queue_position": ahead}))
+                await writer.part("application/json", _json({protocol.QUEUE_POSITION: ahead}))
             if ahead == 0:
                 return
             await self._turns.wait_turn(ticket, QUEUE_UPDATE_S)
@@ -345,7 +337,7 @@ class ReplyStream(Response):
             await writer.json_error(500, message)
             return
         if self._multipart:
-            await writer.part("application/json", _json({"error": message}))
+            await writer.part("application/json", _json({protocol.ERROR: message}))
         # Returning without the final body message makes uvicorn close the connection with no
         # terminating chunk: the client sees a truncated body, not a normal end.
         log.warning("cutting the reply short: %s", message)

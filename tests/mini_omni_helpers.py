@@ -77,7 +77,7 @@ def all_frames(steps_audio: Iterable[Sequence[int]]) -> list[Frame]:
 
 
 def read_wav(path: Path) -> np.ndarray:
-    """16-bit mono WAV → float32 in [-1, 1) as int16 / 32768 (SPEC §4.1)."""
+    """16-bit mono WAV → float32 in [-1, 1) as int16 / 32768 (docs/mini-omni.md §5)."""
     with wave.open(str(path), "rb") as f:
         assert f.getnchannels() == 1 and f.getsampwidth() == 2
         return np.frombuffer(f.readframes(f.getnframes()), dtype="<i2").astype(np.float32) / 32768.0

@@ -1,7 +1,8 @@
 """A test server that answers like the original mini-omni `server.py` (Flask dev server, threaded=False), byte
 for byte on the wire: HTTP/1.0, status line and headers written together with the first body bytes, no
 Content-Length and no chunked encoding on success (the body ends when the connection closes), Werkzeug's
-265-byte HTML page on a 500, one connection at a time. Facts from ../shared/mini-omni (SPEC §13, PROTOCOL.md).
+265-byte HTML page on a 500, one connection at a time. Facts from ../shared/mini-omni, summed up in
+docs/protocol.md §10.
 """
 
 from __future__ import annotations

@@ -30,12 +30,13 @@ from pydub import AudioSegment
 import app
 import live_link
 import live_protocol as wire
-from app import Handlers, Session
+from app import ConversationView, Handlers, Session
 from audio_files import TurnFiles
 from backend import Backend
 from end_of_turn import SharedTurnModel
 from live_link import LiveLink, status_line
-from omni_client import REPLY_SAMPLE_RATE, fetch_health
+from omni_client import fetch_health
+from omni_server.protocol import OUTPUT_SAMPLE_RATE
 from omni_server.echo import EchoEngine
 from replying import ReplySettings, whole_reply
 from state import Conversation, Phase
@@ -194,7 +195,7 @@ def echo_url() -> Iterator[str]:
 
 
 def reply_seconds(pcm: bytes) -> float:
-    return len(pcm) / 2 / REPLY_SAMPLE_RATE
+    return len(pcm) / 2 / OUTPUT_SAMPLE_RATE
 
 
 def test_a_whole_turn_with_the_echo_server(tmp_path: Path, question: np.ndarray, echo_url: str) -> None:
@@ -519,7 +520,7 @@ def test_a_tab_waiting_for_the_server_says_it_is_queued(
     first.reply(1)
 
 
-def follow(outputs: AsyncIterator[tuple], into: list[tuple]) -> threading.Thread:
+def follow(outputs: AsyncIterator[ConversationView], into: list[ConversationView]) -> threading.Thread:
     """Run an async streaming handler (Handlers.start) to its end on an event loop of its own, as Gradio would,
     collecting what it yields into `into`."""
 
@@ -532,7 +533,7 @@ def follow(outputs: AsyncIterator[tuple], into: list[tuple]) -> threading.Thread
     return follower
 
 
-def drain(outputs: AsyncIterator[tuple], into: list[tuple], timeout: float) -> None:
+def drain(outputs: AsyncIterator[ConversationView], into: list[ConversationView], timeout: float) -> None:
     """Run a streaming handler to its end; fail if it does not end in time."""
     follower = follow(outputs, into)
     follower.join(timeout)
@@ -543,7 +544,7 @@ def test_start_hands_the_page_a_token_then_follows_the_conversation_until_it_sto
     tmp_path: Path, question: np.ndarray, echo_url: str
 ) -> None:
     handlers, session = Handlers(Backend(server_url=echo_url)), new_session(tmp_path)
-    outputs: list[tuple] = []
+    outputs: list[ConversationView] = []
     follower = follow(handlers.start(session), outputs)
     wait_for(lambda: bool(outputs), what="the token")
     token, chat, status = outputs.pop(0)
@@ -551,7 +552,7 @@ def test_start_hands_the_page_a_token_then_follows_the_conversation_until_it_sto
     assert handlers.tokens.claim(token) is session, "the page's hello finds this tab's session"
 
     tab = Tab.opened(handlers, session)
-    second_click: list[tuple] = []
+    second_click: list[ConversationView] = []
     drain(handlers.start(session), second_click, timeout=5)
     assert second_click == [], "a second click while it runs does nothing"
     # The tab talks faster than real time: let the follower see it listening first (it looks every 50 ms).
@@ -562,12 +563,12 @@ def test_start_hands_the_page_a_token_then_follows_the_conversation_until_it_sto
     follower.join(timeout=5)
     assert not follower.is_alive(), "the follower ends with the conversation"
 
-    assert outputs and all(skipped(out[0]) for out in outputs), "the token is handed out once"
-    statuses = [out[2] for out in outputs]
+    assert outputs and all(skipped(out.token) for out in outputs), "the token is handed out once"
+    statuses = [out.status for out in outputs]
     assert statuses[0].startswith("Listening") and statuses[-1].startswith("Stopped")
-    speaking = [out[1] for out in outputs if out[2].startswith("Speaking")]
+    speaking = [out.chatbot for out in outputs if out.status.startswith("Speaking")]
     assert speaking and speaking[0][-1]["content"].startswith("(echo)"), "the reply's text shows as it streams"
-    final_chat = outputs[-1][1]
+    final_chat = outputs[-1].chatbot
     assert len(messages(final_chat, "user")) == 1 and len(messages(final_chat, "assistant")) == 3
     assert all(a != b for a, b in zip(outputs, outputs[1:])), "only changes are sent to the page"
 
@@ -581,7 +582,7 @@ def test_the_follower_shows_the_reply_a_lost_link_stopped(
     its figures. Filing is held back here until the follower has ended (or half its grace), so a follower that
     did not wait would be caught whatever the timing."""
     handlers, session = Handlers(Backend(server_url=echo_url)), new_session(tmp_path)
-    outputs: list[tuple] = []
+    outputs: list[ConversationView] = []
     follower = follow(handlers.start(session), outputs)
     wait_for(lambda: bool(outputs), what="the token")
     file_reply = live_link.file_reply
@@ -598,18 +599,18 @@ def test_the_follower_shows_the_reply_a_lost_link_stopped(
     follower.join(timeout=5)
     assert not follower.is_alive()
     assert "stopped" in session.conversation.history[-1]["content"], "the history has the stopped reply"
-    assert outputs[-1][1] == session.conversation.history, "and so should the page's chat"
+    assert outputs[-1].chatbot == session.conversation.history, "and so should the page's chat"
 
 
 def test_start_says_so_when_the_page_opens_no_link(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(app, "CONNECT_TIMEOUT_S", 0.3)
     handlers, session = Handlers(Backend(server_url=f"http://127.0.0.1:{free_port()}")), new_session(tmp_path)
-    outputs: list[tuple] = []
+    outputs: list[ConversationView] = []
     drain(handlers.start(session), outputs, timeout=5)
-    (token, *_), (cleared, chat, sentence) = outputs
-    assert cleared == "" and skipped(chat)
-    assert "could not open its live audio connection" in sentence and "Start" in sentence
-    assert handlers.tokens.claim(token) is None, "the unused token is revoked"
+    opening, failed = outputs
+    assert failed.token == "" and skipped(failed.chatbot)
+    assert "could not open its live audio connection" in failed.status and "Start" in failed.status
+    assert handlers.tokens.claim(opening.token) is None, "the unused token is revoked"
     assert session.conversation.phase is Phase.IDLE
 
 
@@ -637,21 +638,22 @@ def test_the_launched_server_reports_progress_restarts_when_it_dies_and_stops_wi
 def test_without_its_end_of_turn_model_the_page_says_turns_end_on_silence(tmp_path: Path, echo_url: str) -> None:
     missing = SharedTurnModel(tmp_path / "absent.onnx", fetch=False).load_now()
     handlers = Handlers(Backend(server_url=echo_url), turn_model=missing)
-    session, _, server_line = handlers.page_loaded()
-    assert "End of turn: after a pause of silence. The end-of-turn model is unavailable (" in server_line
-    outputs: list[tuple] = []
+    opened = handlers.page_loaded()
+    session = opened.session
+    assert "End of turn: after a pause of silence. The end-of-turn model is unavailable (" in opened.server
+    outputs: list[ConversationView] = []
     follower = follow(handlers.start(session), outputs)
     wait_for(lambda: bool(outputs), what="the token")
     Tab.opened(handlers, session)
     wait_for(lambda: len(outputs) > 1, what="the listening line")
-    assert outputs[-1][2].startswith("Listening") and "unavailable" in outputs[-1][2]
-    assert outputs[-1][2].endswith("your turn ends after 0.8 s of silence.)")
+    assert outputs[-1].status.startswith("Listening") and "unavailable" in outputs[-1].status
+    assert outputs[-1].status.endswith("your turn ends after 0.8 s of silence.)")
     handlers.stop(session)
     follower.join(timeout=5)
 
     handlers.options_changed(session, "balanced", False, 0.8, 0.25, True)
     assert session.conversation.options.semantic is False
-    assert "unavailable" not in handlers.stop(session)[1], "no such note when the model is turned off"
+    assert "unavailable" not in handlers.stop(session).status, "no such note when the model is turned off"
 
 
 def test_a_turn_the_model_ended_too_soon_is_cut_in_on_and_answered_whole(tmp_path: Path, echo_url: str) -> None:

@@ -20,7 +20,7 @@ def test_golden_input_decodes_to_the_reference_features(shared_dir: Path) -> Non
     golden = shared_dir / "mini-omni" / "golden"
     wav = golden / json.loads((golden / "golden_A.json").read_text())["meta"]["wav"]
     audio = decode_audio_file(wav.read_bytes(), max_seconds=30.0)
-    assert audio.dtype == np.float32 and len(audio) == 31062  # 1941.375 ms, SPEC's prompt-length case
+    assert audio.dtype == np.float32 and len(audio) == 31062  # 1941.375 ms: golden case A (docs/mini-omni.md §5, §15)
     expected = np.load(golden / "golden_A.npz")["mel"]
     np.testing.assert_allclose(log_mel(audio).numpy(), expected, atol=1e-5, rtol=0)
 

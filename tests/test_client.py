@@ -15,8 +15,6 @@ import pytest
 
 from omni_client import (
     FailureKind,
-    HealthStatus,
-    LocalServer,
     ReplyAudio,
     ReplyError,
     ReplyLoading,
@@ -27,6 +25,8 @@ from omni_client import (
     utterance_wav,
 )
 from omni_server.echo import EchoEngine
+from omni_server.protocol import HealthStatus
+from server_process import LocalServer
 from tests.reference_server import Behaviour, ReferenceServer, Script
 from tests.servers import serving_engine, serving_while_loading, wait_for
 from tests.test_server import PIECE, ScriptedEngine, tone

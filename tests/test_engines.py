@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from omni_server.engine import EngineStatus
+from omni_server.protocol import HealthStatus
 from omni_server.engine_host import EngineHost
 from omni_server.engines import EngineChoice, EngineOptions, load_engine
 
@@ -75,7 +75,7 @@ def test_forced_mini_omni_failure_is_an_error_in_health(fake_mini_omni) -> None:
     fake_mini_omni.fail_with = FileNotFoundError("lit_model.pth not found")
     host = EngineHost(lambda report: load_engine(EngineOptions(EngineChoice.MINI_OMNI), report), "mini-omni")
     host.start_loading().join(timeout=5)
-    assert host.health.status is EngineStatus.ERROR
+    assert host.health.status is HealthStatus.ERROR
     assert host.health.engine == "mini-omni"
     assert "lit_model.pth not found" in host.health.detail
     assert host.ready_engine is None

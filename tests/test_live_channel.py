@@ -21,7 +21,8 @@ from app import Handlers, Session
 from audio_files import TurnFiles
 from backend import Backend
 from live_route import LiveTokens
-from omni_client import REPLY_SAMPLE_RATE, fetch_health
+from omni_client import fetch_health
+from omni_server.protocol import OUTPUT_SAMPLE_RATE
 from omni_server.echo import EchoEngine
 from state import Conversation, Phase
 from tests.servers import serving_app, serving_engine, wait_for
@@ -121,7 +122,7 @@ def test_server_messages_and_page_settings_are_plain_json() -> None:
     assert json.loads(wire.server_message("flush", turn=3)) == {"type": "flush", "turn": 3}
     assert json.loads(wire.server_message("ping")) == {"type": "ping"}
     settings = json.loads(json.dumps(wire.page_settings()))
-    assert settings == {"micSampleRate": 16_000, "micFrameSamples": 512, "replySampleRate": REPLY_SAMPLE_RATE}
+    assert settings == {"micSampleRate": 16_000, "micFrameSamples": 512, "replySampleRate": OUTPUT_SAMPLE_RATE}
     assert 4000 <= wire.REFUSED_CODE <= 4999, "a close code of the application's own range"
     assert 0.02 <= wire.MIC_FRAME_SAMPLES / wire.MIC_SAMPLE_RATE <= 0.04, "20-40 ms frames"
 
@@ -316,7 +317,7 @@ def test_a_whole_conversation_over_the_socket(
         assert turn["type"] == "turn" and turn["turn"] == 1
         assert 0.5 < turn["speech_end_s"] < 0.5 + len(greeting) / 16_000
         pcm = whole_reply(socket, 1)
-        assert abs(len(pcm) / 2 / REPLY_SAMPLE_RATE - len(greeting) / 16_000) < 0.5, "the echo of the greeting"
+        assert abs(len(pcm) / 2 / OUTPUT_SAMPLE_RATE - len(greeting) / 16_000) < 0.5, "the echo of the greeting"
         assert session.conversation.phase is Phase.SPEAKING, "until the page says it has played it"
 
         socket.send(client_message("sounding", turn=1, after_s=0.31))

@@ -124,7 +124,7 @@ def test_seamless_first_piece_comes_at_the_reference_iteration(codec) -> None:
         for name, streamer in (("seamless", seamless), ("reference", reference)):
             if list(streamer.push(audio)) and name not in first:
                 first[name] = k
-    assert first == {"seamless": 10, "reference": 10}  # iteration 6 + stride (SPEC §10.4)
+    assert first == {"seamless": 10, "reference": 10}  # iteration 6 + stride (docs/mini-omni.md §12)
 
 
 def test_special_id_ends_the_audio_cleanly(codec) -> None:

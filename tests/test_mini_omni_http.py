@@ -2,7 +2,8 @@
 
 Always: `python -m omni_server --engine auto` on a tiny recipe checkpoint picks mini-omni (not echo), and the
 app's own client gets audio and text from it over real HTTP. With ../shared: golden case A's byte counts over
-HTTP (SPEC §13) in reference mode, and the tail the default mode adds behind the same protocol.
+HTTP (docs/mini-omni.md §15, docs/protocol.md §10) in reference mode, and the tail the default mode adds behind
+the same protocol.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import omni_client
 from omni_client import ReplyAudio, ReplyText
 from omni_server.mini_omni.config import GPTConfig
 from omni_server.mini_omni.engine import MiniOmniEngine
+from omni_server.protocol import HealthStatus
+from server_process import LocalServer
 from tests import mini_omni_helpers as helpers
 from tests.mini_omni_helpers import GOLDEN, chirp_audio
 from tests.servers import serving_engine
@@ -36,7 +39,7 @@ def post_chat(url: str, audio_file: bytes, **fields: object) -> requests.Respons
 @pytest.fixture(scope="module")
 def launched_server(tmp_path_factory: pytest.TempPathFactory) -> str:
     checkpoint_dir = write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-checkpoint"), TINY)
-    with omni_client.LocalServer(engine="auto", checkpoint_dir=checkpoint_dir, device="cpu") as server:
+    with LocalServer(engine="auto", checkpoint_dir=checkpoint_dir, device="cpu") as server:
         server.start()
         server.wait_ready(timeout_s=180)
         yield server.url
@@ -44,7 +47,7 @@ def launched_server(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def test_auto_picks_mini_omni_when_a_checkpoint_is_present(launched_server: str) -> None:
     health = omni_client.fetch_health(launched_server)
-    assert health.status is omni_client.HealthStatus.READY
+    assert health.status is HealthStatus.READY
     assert health.engine == "mini-omni", health
 
 

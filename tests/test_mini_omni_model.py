@@ -83,7 +83,8 @@ def test_golden_a_front_end_and_logits(case_a, model_a: MiniOmniModel) -> None:
         embeddings = audio_embeddings(model_a, audio)
         # The golden adapter output carries the reference's own fp32 rounding: the same adapter in float64 is
         # 2.4e-5 from it (values near 5), and fp32 on an AMD EPYC 2.3e-5, so 1e-5 held only on a CPU that sums
-        # in the reference's order. SPEC's bar is the logits' 1e-5 (below), which holds here too.
+        # in the reference's order. The golden bar (docs/mini-omni.md §15) is the logits' 1e-5 (below), which
+        # holds here too.
         np.testing.assert_allclose(embeddings.numpy(), arrays["adapter_out"], atol=3e-5, rtol=0)
 
         prompt = prompt_ids(rows)
@@ -199,7 +200,7 @@ def test_loaded_weights_are_the_recipe(tiny: MiniOmniModel) -> None:
 
 
 def test_tied_head_uses_wte_like_the_reference(tiny_dir: Path, tmp_path: Path) -> None:
-    """If the file's two tied copies differ, `transformer.wte.weight` wins (SPEC §1)."""
+    """If the file's two tied copies differ, `transformer.wte.weight` wins (docs/mini-omni.md §2)."""
     state = torch.load(tiny_dir / recipe.GPT_FILE)
     state["lm_head.weight"] = torch.zeros_like(state["lm_head.weight"])
     torch.save(state, tmp_path / recipe.GPT_FILE)

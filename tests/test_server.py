@@ -15,7 +15,8 @@ import requests
 import soxr
 
 from omni_server.echo import EchoEngine
-from omni_server.engine import AudioPiece, ChatRequest, EngineStatus, ProgressCallback, RequestRejected, TextPiece
+from omni_server.engine import AudioPiece, ChatRequest, ProgressCallback, RequestRejected, TextPiece
+from omni_server.protocol import HealthStatus
 from omni_server.engine_host import EngineHost
 from omni_server.http_app import create_app
 from tests.servers import serving_app, serving_engine, serving_while_loading, wait_for
@@ -403,7 +404,7 @@ def test_health_reports_a_load_error_and_chat_says_why() -> None:
 
     host = EngineHost(loader, "mini-omni")
     host.start_loading().join(timeout=5)
-    assert host.health.status is EngineStatus.ERROR
+    assert host.health.status is HealthStatus.ERROR
     with serving_app(create_app(host)) as url:
         state = health(url)
         refused = requests.post(f"{url}/chat", json=chat_body(), timeout=TIMEOUT)

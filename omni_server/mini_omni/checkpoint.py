@@ -1,4 +1,4 @@
-"""Finding (and where needed downloading) the files mini-omni runs on (SPEC §1).
+"""Finding (and where needed downloading) the files mini-omni runs on (docs/mini-omni.md §2).
 
 A checkpoint directory holds `lit_model.pth`, `model_config.yaml` and `tokenizer.json`. The whisper-small
 encoder comes from the directory's `small.pt` when present, else from openai-whisper's own download (cached

@@ -1,4 +1,6 @@
-"""mini-omni's audio side: the 7 delayed token streams → SNAC frames → 24 kHz PCM pieces (SPEC §10.5–§12).
+"""mini-omni's audio side: the 7 delayed token streams → SNAC frames → 24 kHz PCM pieces.
+
+See docs/mini-omni.md §8 (the delay pattern), §12 (frames, schedule) and §13 (the two decode modes).
 
 The model emits one local id per audio layer per step; layer L runs L + 1 steps late, so SNAC frame g takes
 layer L's id from step g + 1 + L. Frames are decoded with the `snac` package in windows of `stream_stride`
@@ -44,7 +46,7 @@ Frame = tuple[int, ...]  # the 7 local ids of one SNAC frame, layers 0..6
 
 
 class FrameAssembler:
-    """Collects the per-step audio ids and regroups them into SNAC frames (the delay pattern of §10.5)."""
+    """Collects the per-step audio ids and regroups them into SNAC frames (delay pattern: docs/mini-omni.md §8)."""
 
     def __init__(self) -> None:
         self._layers: list[list[int]] = [[] for _ in range(AUDIO_LAYERS)]

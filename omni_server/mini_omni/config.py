@@ -1,4 +1,4 @@
-"""Model configuration: the checkpoint's flat `model_config.yaml` (SPEC §2) and whisper's encoder dims (§5).
+"""Model configuration: the checkpoint's flat `model_config.yaml` and whisper's encoder dims (docs/mini-omni.md §3).
 
 Only the fields that change the computation are typed here; the rest of the YAML is kept in `extra` so a
 config read from a checkpoint can be written back unchanged.
@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-# Vocabulary layout (SPEC §7): text ids 0..151999, then 7 audio layers of 4160 ids each.
+# Vocabulary layout (docs/mini-omni.md §4): text ids 0..151999, then 7 audio layers of 4160 ids each.
 TEXT_VOCAB_SIZE = 152_000
 AUDIO_VOCAB_SIZE = 4_160
 AUDIO_LAYERS = 7
@@ -108,7 +108,7 @@ class GPTConfig:
         return cls.from_dict(yaml.safe_load(Path(path).read_text()))
 
 
-# Keys outside GPTConfig whose other values would change the computation (SPEC §2, in bold there).
+# Keys outside GPTConfig whose other values would change the computation (docs/mini-omni.md §3).
 _FIXED_EXTRA: dict[str, Any] = {
     "scale_embeddings": False,
     "parallel_residual": False,
@@ -123,7 +123,7 @@ _FIXED_EXTRA: dict[str, Any] = {
     "n_expert": 0,
 }
 
-# The full reconstructed real config (SPEC §2), for writing recipe checkpoints of the real size.
+# The full reconstructed real config (docs/mini-omni.md §3), for writing recipe checkpoints of the real size.
 REAL_CONFIG_EXTRA: dict[str, Any] = {
     "hf_config": {"name": "Qwen2-0.5B", "org": "Qwen"},
     "scale_embeddings": False,
@@ -153,7 +153,7 @@ REAL_CONFIG_EXTRA: dict[str, Any] = {
 
 
 def real_config() -> GPTConfig:
-    """The reconstructed full-size mini-omni config (SPEC §2)."""
+    """The reconstructed full-size mini-omni config (docs/mini-omni.md §3)."""
     return GPTConfig(extra=dict(REAL_CONFIG_EXTRA))
 
 

@@ -1,7 +1,7 @@
 """The mini-omni engine behind the server: the model's steps → streamed PCM pieces and text pieces.
 
-Two decode modes share the model's tokens and the reference's piece schedule (SPEC §10.4, a piece whenever
-`stream_stride` new frames are complete):
+Two decode modes share the model's tokens and the reference's piece schedule (a piece whenever `stream_stride`
+new frames are complete; docs/mini-omni.md §12-§13):
 
 - `default`: seamless pieces (left context, held-back right edge), the tail sent, rounded and clipped
   samples, SNAC noise seeded from the request's audio, so the same request gives the same reply;
@@ -181,7 +181,7 @@ class ReplyStats:
 
 
 class MiniOmniEngine:
-    """mini-omni (clean-room, SPEC-built) as an `omni_server.engine.Engine`."""
+    """mini-omni (clean-room, built from the spec; see docs/mini-omni.md) as an `omni_server.engine.Engine`."""
 
     name = "mini-omni"
 

@@ -1,4 +1,4 @@
-"""The batch-2 "AT" decoding of mini-omni v1 (SPEC §10.1-§10.4): prompt, prefill, decode iterations, stop.
+"""The batch-2 "AT" decoding of mini-omni v1: prompt, prefill, decode iterations, stop (docs/mini-omni.md §7-§11).
 
 Item 0 of the batch answers with audio, item 1 with text only; each step takes 7 audio ids from item 0 and
 one text id from item 1. `generate_steps` yields every step that the reference appends to its 8 output
@@ -51,12 +51,12 @@ class StopReason(enum.Enum):
 
 
 def prompt_length(audio_16k: np.ndarray) -> int:
-    """T, the prompt's positions for this audio: the kept encoder rows plus 3 (SPEC §10.1)."""
+    """T, the prompt's positions for this audio: the kept encoder rows plus 3 (docs/mini-omni.md §7)."""
     return feature_length(len(audio_16k)) + 3
 
 
 def max_tokens_error(prompt_length: int, max_tokens: int, block_size: int = DEFAULT_BLOCK_SIZE) -> str | None:
-    """Why `max_tokens` leaves no room to generate, or None. It counts the prompt's positions (SPEC §10.4)."""
+    """Why `max_tokens` leaves no room to generate, or None. It counts the prompt (docs/mini-omni.md §11)."""
     if max_tokens <= prompt_length:
         return (
             f"max_tokens ({max_tokens}) counts the prompt, which takes {prompt_length} positions for this audio: "
@@ -68,7 +68,7 @@ def max_tokens_error(prompt_length: int, max_tokens: int, block_size: int = DEFA
 
 
 def prompt_ids(audio_rows: int) -> torch.Tensor:
-    """The [2, 8, T] prompt ids (SPEC §10.1); positions 1..T_a of the audio streams are replaced by features."""
+    """The [2, 8, T] prompt ids (docs/mini-omni.md §7); positions 1..T_a of the audio streams become features."""
     t = audio_rows + 3
     ids = torch.empty(BATCH, STREAMS, t, dtype=torch.long)
     for layer in range(AUDIO_LAYERS):
@@ -96,7 +96,7 @@ def decode_ids(step: Step) -> torch.Tensor:
 
 @torch.inference_mode()
 def audio_embeddings(model: MiniOmniModel, audio_16k: np.ndarray) -> torch.Tensor:
-    """Whisper encoder + adapter: [2, T_a, n_embd], the same features for both items (SPEC §4-§6)."""
+    """Whisper encoder + adapter: [2, T_a, n_embd], the same features for both items (docs/mini-omni.md §5-§6)."""
     rows = feature_length(len(audio_16k))
     mel = log_mel(audio_16k).to(device=model.device, dtype=model.dtype)
     # fp32 is the exact mode: there the encoder runs whole, as the reference's (identical output on this CPU);

@@ -1,4 +1,6 @@
-"""The mini-omni GPT (SPEC §6-§9) with its whisper adapter, and `MiniOmniModel`, which loads both encoders.
+"""The mini-omni GPT with its whisper adapter, and `MiniOmniModel`, which loads both encoders.
+
+The model is described in docs/mini-omni.md §6-§10.
 
 Plain PyTorch in the gpt-fast manner: one readable forward, a KV cache that stores only the grouped K/V
 heads and is allocated once per model (batch 2, block_size positions), and a head that computes only the
@@ -20,7 +22,7 @@ from .layers import Linear
 from .mapped import load_mapped
 from .whisper import WhisperEncoder
 
-BATCH = 2  # item 0 answers with audio, item 1 with text only (SPEC §10.1)
+BATCH = 2  # item 0 answers with audio, item 1 with text only (docs/mini-omni.md §7)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -58,7 +60,7 @@ class RMSNorm(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    """proj(silu(fc_1 x) * fc_2 x), no biases: the blocks' LLaMAMLP and the whisper adapter (SPEC §6, §9)."""
+    """proj(silu(fc_1 x) * fc_2 x), no biases: blocks' LLaMAMLP and the whisper adapter (docs/mini-omni.md §6, §9)."""
 
     def __init__(self, n_in: int, n_hidden: int, n_out: int) -> None:
         super().__init__()
@@ -74,7 +76,7 @@ class Attention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
-        # Fused QKV in litgpt's layout: per group g, [q heads gQ..gQ+Q-1 | k_g | v_g] (SPEC §9).
+        # Fused QKV in litgpt's layout: per group g, [q heads gQ..gQ+Q-1 | k_g | v_g] (docs/mini-omni.md §9).
         self.attn = Linear(config.n_embd, config.qkv_rows, bias=config.add_qkv_bias)
         self.proj = Linear(config.n_head * config.head_size, config.n_embd, bias=False)
         self.k_cache: torch.Tensor | None = None
@@ -160,13 +162,13 @@ class GPT(nn.Module):
                 module.relayout()
             if isinstance(module, Attention):
                 module.allocate_cache(BATCH, device, dtype)
-        # The decoder reads only item 0's audio logits and item 1's text logits (SPEC §10.2).
+        # The decoder reads only item 0's audio logits and item 1's text logits (docs/mini-omni.md §10).
         wte, text_vocab = self.transformer.wte.weight.data, self.config.text_vocab_size
         self.head_audio = HeadSlice(wte[text_vocab:], groups=AUDIO_LAYERS)
         self.head_text = HeadSlice(wte[:text_vocab], groups=1)
 
     def embed(self, ids: torch.Tensor, audio_embeddings: torch.Tensor | None = None) -> torch.Tensor:
-        """ids [B, 8, T] -> [B, T, d]: the mean of the 8 stream embeddings (SPEC §8).
+        """ids [B, 8, T] -> [B, T, d]: the mean of the 8 stream embeddings (docs/mini-omni.md §8).
 
         With `audio_embeddings` [B, T_a, d] (the prefill), positions 1..T_a of the 7 audio streams carry the
         adapter output instead of their token embedding. Summed left to right, then divided by 8.
@@ -191,8 +193,8 @@ class GPT(nn.Module):
     def prefill(self, ids: torch.Tensor, audio_embeddings: torch.Tensor) -> torch.Tensor:
         """Both items' prompts [2, 8, T] at positions 0..T-1; final-norm hidden at the last position.
 
-        The two prompts differ only at the last position (SPEC §10.1), so the shared prefix runs once, at
-        batch 1, and its keys and values are copied to item 1: half the prefill's work for the same result.
+        The two prompts differ only at the last position (docs/mini-omni.md §7, §9), so the shared prefix runs
+        once, at batch 1, and its keys and values are copied to item 1: half the prefill's work for the same result.
         """
         if not (torch.equal(ids[0, :, :-1], ids[1, :, :-1]) and torch.equal(audio_embeddings[0], audio_embeddings[1])):
             raise ValueError("prefill wants the batch-2 prompt: items that differ only at the last position")
@@ -204,7 +206,10 @@ class GPT(nn.Module):
         return self(ids[:, :, shared:], shared)
 
     def select(self, hidden: torch.Tensor) -> Selection:
-        """Greedy picks from the last hidden state [2, d], as the reference's top-1 sampling (SPEC §10.2)."""
+        """Greedy picks from the last hidden state [2, d]: what the reference's top-1 sampling always returns.
+
+        See docs/mini-omni.md §10.
+        """
         audio = self.head_audio.argmax(hidden[:1])
         (text,) = self.head_text.argmax(hidden[1:])
         return Selection(tuple(audio), text)

@@ -1,8 +1,9 @@
-"""Deterministic test weights, contract `omni-recipe-v1` (SPEC §14), and checkpoints written in the real formats.
+"""Deterministic test weights, contract `omni-recipe-v1`, and checkpoints written in the real formats.
 
 Random weights of the right shapes let tests, golden comparisons and benchmarks run without the real
 download. Every tensor is drawn from its own seed (derived from the global seed, the component and the key),
-so any subset can be regenerated and checked against `golden_A_weights.json` tensor by tensor.
+so any subset can be regenerated and checked against `golden_A_weights.json` tensor by tensor. The recipe's
+rules: docs/mini-omni.md §15.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ SNAC_24KHZ_CONFIG: dict = {
     "depthwise": True,
 }
 
-# File names inside a checkpoint directory (SPEC §1; whisper and SNAC as the reference fetches them).
+# File names inside a checkpoint directory (docs/mini-omni.md §2; whisper and SNAC as the reference fetches them).
 GPT_FILE = "lit_model.pth"
 CONFIG_FILE = "model_config.yaml"
 WHISPER_FILE = "small.pt"
@@ -70,7 +71,7 @@ def _fan_in(shape: tuple[int, ...]) -> int:
 
 
 def gpt_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """Every key of the GPT state dict (SPEC §3) with its shape, `lm_head.weight` included."""
+    """Every key of the GPT state dict (docs/mini-omni.md §2) with its shape, `lm_head.weight` included."""
     c = config
     shapes: dict[str, tuple[int, ...]] = {
         "whisper_adapter.fc_1.weight": (c.intermediate_size, c.whisper_adapter_dim),
@@ -136,7 +137,7 @@ def gpt_state_dict(config: GPTConfig, global_seed: int, recipe: GPTRecipe = RECI
 
 
 def sinusoids(length: int, channels: int) -> torch.Tensor:
-    """Whisper's encoder position table (SPEC §5), in float32."""
+    """Whisper's encoder position table (docs/mini-omni.md §6), in float32."""
     half = channels // 2
     log_timescale_increment = math.log(10000) / (half - 1)
     inv_timescales = torch.exp(-log_timescale_increment * torch.arange(half, dtype=torch.float32))

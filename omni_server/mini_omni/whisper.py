@@ -1,4 +1,4 @@
-"""Whisper front end (SPEC §4) and audio encoder (SPEC §5), loading openai-whisper's `.pt` checkpoints.
+"""Whisper front end (docs/mini-omni.md §5) and audio encoder (§6), loading openai-whisper's `.pt` checkpoints.
 
 Written from the spec so the server does not pull in openai-whisper (and with it numba and triton) for the
 encoder alone. The encoder always sees the padded 30 s, as the reference does: attention is global, so the
@@ -29,7 +29,7 @@ MAX_FEATURES = 1500
 
 
 def feature_length(num_samples: int) -> int:
-    """Encoder rows kept for an input of `num_samples` (SPEC §4.2/§4.6): floor(ms / 20) + 1, at most 1500."""
+    """Encoder rows kept for an input of `num_samples` (docs/mini-omni.md §5): floor(ms / 20) + 1, at most 1500."""
     duration_ms = num_samples / SAMPLE_RATE * 1000
     return min(math.floor(duration_ms / 20) + 1, MAX_FEATURES)
 
@@ -81,7 +81,7 @@ _MEL_FILTERS = torch.from_numpy(mel_filterbank())
 
 
 def log_mel(audio_16k: np.ndarray) -> torch.Tensor:
-    """[80, 3000] float32 log-mel of the audio padded (or cut) to 30 s (SPEC §4.3-4.4)."""
+    """[80, 3000] float32 log-mel of the audio padded (or cut) to 30 s (docs/mini-omni.md §5)."""
     audio = torch.from_numpy(np.ascontiguousarray(audio_16k, dtype=np.float32))[:CHUNK_SAMPLES]
     audio = F.pad(audio, (0, CHUNK_SAMPLES - audio.shape[0]))
     window = torch.hann_window(N_FFT)
