@@ -35,6 +35,7 @@ class Backend:
         self._closed = threading.Event()
         self._watcher: threading.Thread | None = None
         self._missed_checks = 0
+        self._restarts_seen = 0  # the launched server's restarts the watcher has seen, to let a new one start
         self._replies_in_flight = 0  # an external server may be single-threaded: busy with them, it cannot answer
 
     # -- lifecycle ---------------------------------------------------------------------------------------
@@ -63,6 +64,9 @@ class Backend:
     def _keep_local_server_up(self, local: LocalServer) -> None:
         try:
             local.ensure_running()
+            if local.restarts != self._restarts_seen:  # a new process (restarted here or by a turn): let it start
+                self._restarts_seen = local.restarts
+                self._health = Health(HealthStatus.LOADING, self._health.engine, "restarting")
             if self._health.status is not HealthStatus.READY:
                 self._health = local.wait_ready(on_progress=self._show_progress, timeout_s=READY_TIMEOUT_S)
                 self._missed_checks = 0

@@ -55,6 +55,7 @@ class LocalServer:
         self._url: str | None = None
         self._log: collections.deque[str] = collections.deque(maxlen=40)
         self._lock = threading.Lock()
+        self._poll_lock = threading.Lock()
         self.restarts = 0
 
     @property
@@ -66,7 +67,13 @@ class LocalServer:
 
     @property
     def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
+        process = self._process
+        if process is None:
+            return False
+        # One poll at a time: Popen.poll() answers None ("running") while another thread polls the same child,
+        # so a turn could be sent to a server that had died.
+        with self._poll_lock:
+            return process.poll() is None
 
     def start(self) -> str:
         """Launch the child and wait until it has bound its port (not until the model is loaded)."""

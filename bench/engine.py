@@ -114,7 +114,7 @@ def measure(checkpoint: Path, device: str, dtype: str, steps: int, requests: int
 def model_step_ms(engine: MiniOmniEngine, audio, max_tokens: int) -> float:
     """The same decode steps with the model alone (no SNAC, no text), right after the engine's reply: the
     side-by-side check that the engine adds nothing to a step on this (shared, noisy) machine."""
-    steps = iter(generate_steps(engine._model, audio, max_tokens))
+    steps = iter(generate_steps(engine.model, audio, max_tokens))
     next(steps)  # whisper and prefill
     began = time.perf_counter()
     count = sum(1 for _ in steps)

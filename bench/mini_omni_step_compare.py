@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from omni_server.mini_omni import recipe  # noqa: E402
+from omni_server.mini_omni import checkpoint  # noqa: E402
 from omni_server.mini_omni.config import AUDIO_LAYERS  # noqa: E402
 from omni_server.mini_omni.generate import Step, decode_ids, prompt_ids  # noqa: E402
 from omni_server.mini_omni.gpt import GPT, MiniOmniModel, apply_rope, rms_norm  # noqa: E402
@@ -89,9 +89,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     folder = args.checkpoint
     model = MiniOmniModel.load(
-        folder / recipe.GPT_FILE,
-        folder / recipe.CONFIG_FILE,
-        folder / recipe.WHISPER_FILE,
+        folder / checkpoint.GPT_FILE,
+        folder / checkpoint.CONFIG_FILE,
+        folder / checkpoint.WHISPER_FILE,
         "cpu",
         getattr(torch, args.dtype),
     )

@@ -17,14 +17,14 @@ import numpy as np
 import soxr
 
 from omni_server.engine import (
-    INPUT_SAMPLE_RATE,
-    OUTPUT_SAMPLE_RATE,
     AudioPiece,
     ChatRequest,
     ProgressCallback,
     ReplyPiece,
     TextPiece,
 )
+
+from omni_server.protocol import INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE
 
 SNAC_FRAME_SAMPLES = 2048
 

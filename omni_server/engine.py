@@ -13,8 +13,6 @@ from typing import Protocol
 
 import numpy as np
 
-from omni_server.protocol import INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE
-
 MAX_INPUT_SECONDS = 30.0
 
 

@@ -28,11 +28,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
+import numpy as np
+
 from tests import processes
-from tests.sound_capture import PulseAudio
+from tests.sound_capture import PulseAudio, Recording
+from tests.speech import join, silence, write_wav
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
+RATE = 16_000  # the microphone files' rate
 
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -199,3 +203,29 @@ def chat_counts(page: object) -> dict:
         bot_text: Array.from(document.querySelectorAll('#chatbot [data-testid="bot"]'))
             .map(e => e.innerText).join(' | '),
     })""")  # type: ignore[attr-defined]
+
+
+class Script:
+    """A microphone file built piece by piece, remembering where each spoken part starts and ends (seconds)."""
+
+    def __init__(self) -> None:
+        self.parts: list[np.ndarray] = []
+        self.length_s = 0.0
+        self.spans: dict[str, tuple[float, float]] = {}
+
+    def add(self, audio: np.ndarray, name: str | None = None) -> Script:
+        if name is not None:
+            self.spans[name] = (self.length_s, self.length_s + len(audio) / RATE)
+        self.parts.append(audio)
+        self.length_s += len(audio) / RATE
+        return self
+
+    def write(self, path: Path) -> Path:
+        return write_wav(path, join(*self.parts, silence(60.0)))
+
+
+def heard_between(capture: Recording, start: float, end: float) -> float:
+    """Seconds of sound the page played in [start, end] (wall clock)."""
+    times, levels = capture.blocks()
+    inside = (times >= start) & (times < end)
+    return float(np.sum(levels[inside] > -50.0)) * 0.01

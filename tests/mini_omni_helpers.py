@@ -10,16 +10,31 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from omni_server.mini_omni import recipe
 from omni_server.mini_omni.codec import Frame, FrameAssembler
-from omni_server.mini_omni.config import GPTConfig, WhisperDims
-from omni_server.mini_omni.gpt import MiniOmniModel
+from omni_server.mini_omni.config import WHISPER_TINY, GPTConfig, WhisperDims
+from omni_server.mini_omni.gpt import GPT, MiniOmniModel
 from omni_server.mini_omni.whisper import WhisperEncoder
 
 GOLDEN = Path("mini-omni") / "golden"
 ENDOFTEXT = 151_643  # Qwen2's <|endoftext|>
+
+# A recipe model small enough to load in a second and generate faster than real time on a CPU.
+TINY = GPTConfig(
+    name="mini-omni-tiny-test", n_layer=2, n_head=4, head_size=16, n_embd=64, n_query_groups=2,
+    intermediate_size=128, whisper_adapter_dim=384,
+)  # fmt: skip
+TINY_SEED = 1234
+
+
+def write_tiny_checkpoint(directory: Path, config: GPTConfig = TINY, recipe_gains: recipe.GPTRecipe = recipe.RECIPE_V1) -> Path:
+    """A complete checkpoint directory of `config` (recipe weights of TINY_SEED) with a word tokenizer."""
+    recipe.write_checkpoint(directory, config, WHISPER_TINY, TINY_SEED, recipe=recipe_gains)
+    word_tokenizer(directory / "tokenizer.json")
+    return directory
 
 
 def trained_tokenizer() -> Tokenizer:
@@ -99,7 +114,25 @@ def golden_a_model(shared_dir: Path, golden: dict, dtype: torch.dtype) -> MiniOm
     encoder = WhisperEncoder.from_whisper_state_dict(
         dims, recipe.whisper_state_dict(dims, seed, encoder_only=True), "cpu", dtype
     )
-    return MiniOmniModel.from_state_dicts(config, recipe.gpt_state_dict(config, seed), encoder, "cpu", dtype)
+    return model_from_state_dicts(config, recipe.gpt_state_dict(config, seed), encoder, "cpu", dtype)
+
+
+def model_from_state_dicts(
+    config: GPTConfig, gpt_state: dict[str, torch.Tensor], encoder: WhisperEncoder, device: str, dtype: torch.dtype
+) -> MiniOmniModel:
+    """The model from in-memory weights (`gpt_state` as in `lit_model.pth`), without writing a checkpoint."""
+    with torch.device("meta"):
+        gpt = GPT(config)
+    weights = {k: v.to(device=device, dtype=dtype) for k, v in gpt_state.items() if k != "lm_head.weight"}
+    gpt.load_state_dict(weights, strict=True, assign=True)
+    del weights
+    gpt.prepare(torch.device(device), dtype)
+    return MiniOmniModel(gpt.eval(), encoder.eval(), torch.device(device), dtype)
+
+
+def full_logits(gpt: GPT, hidden: torch.Tensor) -> torch.Tensor:
+    """All 181120 logits for both items, to compare with the reference's (decoding never needs them)."""
+    return F.linear(hidden, gpt.transformer.wte.weight)
 
 
 def golden_noise(shared_dir: Path, name: str, chunks: int) -> tuple[list[list[np.ndarray]], list[np.ndarray]]:

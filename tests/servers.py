@@ -1,4 +1,5 @@
-"""Real HTTP servers on 127.0.0.1 for tests: our FastAPI app under uvicorn, in a background thread."""
+"""Real HTTP servers on 127.0.0.1 for tests: our FastAPI app under uvicorn, in a background thread; and a
+scripted engine to serve."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import uvicorn
 
 from omni_server.echo import EchoEngine
-from omni_server.engine import Engine
+from omni_server.engine import AudioPiece, ChatRequest, Engine, ProgressCallback, RequestRejected, TextPiece
 from omni_server.engine_host import EngineHost
 from omni_server.http_app import create_app
 
@@ -77,3 +79,49 @@ def wait_for(condition: Callable[[], bool], timeout: float = 5.0, what: str = "c
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+PIECE = b"\x01\x00" * 2048  # 85 ms of PCM
+
+
+def tone(seconds: float, rate: int = 16_000) -> np.ndarray:
+    t = np.arange(round(seconds * rate)) / rate
+    return (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+
+
+class ScriptedEngine:
+    """Yields `pieces` audio pieces `delay` apart, then optionally raises; records each request's max_tokens."""
+
+    name = "scripted"
+
+    def __init__(self, pieces: int = 2, delay: float = 0.0, fail_after: int | None = None, text: str = "",
+                 gate: threading.Event | None = None, piece: bytes = PIECE) -> None:
+        self.pieces, self.delay, self.fail_after, self.text, self.gate = pieces, delay, fail_after, text, gate
+        self.piece = piece
+        self.served: list[int] = []
+        self.stopped_early = threading.Event()
+
+    def load(self, progress: ProgressCallback) -> None:
+        pass
+
+    def check(self, request: ChatRequest) -> None:
+        if request.max_tokens == 13:
+            raise RequestRejected("Thirteen tokens is unlucky.")
+
+    def generate(self, request: ChatRequest) -> Iterator[AudioPiece | TextPiece]:
+        self.served.append(request.max_tokens)
+        if self.gate is not None:
+            self.gate.wait(timeout=10)
+        if self.text:
+            yield TextPiece(self.text)
+        completed = False
+        try:
+            for index in range(self.pieces):
+                if self.fail_after is not None and index == self.fail_after:
+                    raise RuntimeError("the decoder met a special token")
+                time.sleep(self.delay)
+                yield AudioPiece(self.piece)
+            completed = True
+        finally:
+            if not completed:
+                self.stopped_early.set()

@@ -13,8 +13,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import re
 import shutil
+import signal
 import threading
 import time
 import wave
@@ -40,6 +42,7 @@ from omni_server.protocol import OUTPUT_SAMPLE_RATE
 from omni_server.echo import EchoEngine
 from replying import ReplySettings, whole_reply
 from state import Conversation, Phase
+from tests import processes
 from tests.browser_harness import free_port
 from tests.reference_server import Behaviour, ReferenceServer, Script
 from tests.servers import serving_engine, serving_while_loading, wait_for
@@ -623,16 +626,17 @@ def test_the_launched_server_reports_progress_restarts_when_it_dies_and_stops_wi
             assert time.monotonic() < deadline, backend.status_line()
             time.sleep(0.1)
         assert backend.status_line().startswith("Model server ready: echo engine, local server")
-        process = backend._local._process  # the child, to kill it as a crash would
-        process.kill()
-        process.wait()
+        crashed = backend.server_pid
+        assert crashed is not None
+        os.kill(crashed, signal.SIGKILL)  # as a crash would
+        assert processes.wait_gone(crashed, timeout_s=5)
         new_url = backend.url_for_request()  # a turn after the crash restarts it first
         wait_for(lambda: fetch_health(new_url).status.value == "ready", timeout=30, what="the restarted server")
-        restarted = backend._local._process
-        assert restarted is not process and restarted.poll() is None
+        restarted = backend.server_pid
+        assert restarted is not None and restarted != crashed and not processes.gone(restarted)
     finally:
         backend.close()
-    assert restarted.wait(timeout=10) is not None, "closing the app stops the server"
+    assert processes.wait_gone(restarted, timeout_s=10), "closing the app stops the server"
 
 
 def test_without_its_end_of_turn_model_the_page_says_turns_end_on_silence(tmp_path: Path, echo_url: str) -> None:

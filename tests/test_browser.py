@@ -16,12 +16,11 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from tests import browser_harness as harness
-from tests.sound_capture import Recording, private_pulse, pulse_tools_missing, recording
-from tests.speech import espeak_available, join, silence, speak, trim, write_wav
+from tests.sound_capture import private_pulse, pulse_tools_missing, recording
+from tests.speech import espeak_available, silence, speak, trim
 
 OUTPUT = harness.REPO_ROOT / "test-output" / "browser"
 RATE = 16_000
@@ -30,25 +29,6 @@ pytestmark = pytest.mark.skipif(
     not espeak_available() or harness.browser_tools_missing() is not None or pulse_tools_missing() is not None,
     reason=harness.browser_tools_missing() or pulse_tools_missing() or "espeak-ng is not installed",
 )
-
-
-class Script:
-    """A microphone file built piece by piece, remembering where each spoken part starts and ends (seconds)."""
-
-    def __init__(self) -> None:
-        self.parts: list[np.ndarray] = []
-        self.length_s = 0.0
-        self.spans: dict[str, tuple[float, float]] = {}
-
-    def add(self, audio: np.ndarray, name: str | None = None) -> Script:
-        if name is not None:
-            self.spans[name] = (self.length_s, self.length_s + len(audio) / RATE)
-        self.parts.append(audio)
-        self.length_s += len(audio) / RATE
-        return self
-
-    def write(self, path: Path) -> Path:
-        return write_wav(path, join(*self.parts, silence(60.0)))
 
 
 @pytest.fixture(scope="module")
@@ -63,15 +43,8 @@ def url() -> str:
         yield running.url
 
 
-def heard_between(capture: Recording, start: float, end: float) -> float:
-    """Seconds of sound the page played in [start, end] (wall clock)."""
-    times, levels = capture.blocks()
-    inside = (times >= start) & (times < end)
-    return float(np.sum(levels[inside] > -50.0)) * 0.01
-
-
 def test_a_conversation_heard_turn_after_turn_then_stop(url: str, pulse) -> None:
-    script = Script().add(silence(0.5))
+    script = harness.Script().add(silence(0.5))
     for number, text in enumerate(["What is the capital of France?", "And how many people live there?",
                                    "Is it a good place to visit in the spring?"], start=1):
         script.add(trim(speak(text)), f"q{number}").add(silence(6.0))
@@ -97,7 +70,7 @@ def test_a_conversation_heard_turn_after_turn_then_stop(url: str, pulse) -> None
             first_sound = capture.first_sound_after(room + end)
             assert first_sound is not None and first_sound < room + next_start, f"reply {number} was heard"
             spoken = script.spans[f"q{number}"][1] - script.spans[f"q{number}"][0]
-            assert heard_between(capture, first_sound, room + next_start) > 0.6 * spoken, "the whole echo plays"
+            assert harness.heard_between(capture, first_sound, room + next_start) > 0.6 * spoken, "the whole echo plays"
         assert [e["complete"] for e in harness.live_events(page, "played")] == [True, True]
 
         # Turn 3: Stop while its reply plays.
@@ -112,7 +85,7 @@ def test_a_conversation_heard_turn_after_turn_then_stop(url: str, pulse) -> None
         time.sleep(1.0)
         silent_from = capture.sound_stopped_after(clicked - 0.3, quiet_s=0.5)
         assert silent_from is not None and silent_from - clicked < 0.5, "Stop silences the reply at once"
-        assert heard_between(capture, clicked + 0.5, time.time()) == 0.0, "and nothing plays after it"
+        assert harness.heard_between(capture, clicked + 0.5, time.time()) == 0.0, "and nothing plays after it"
         harness.wait_for(page, "document.querySelectorAll('#chatbot [data-testid=\"bot\"] "
                                "[data-testid=\"waveform-Audio\"]').length >= 3", 10, "the third reply in the chat")
         final = harness.chat_counts(page)
@@ -135,7 +108,7 @@ def test_talking_over_a_reply_cuts_it_off_but_its_echo_does_not(url: str, pulse)
     story = trim(speak("Tell me a long story about the sea, the ships, the sailors and the storms they met."))
     interruption = trim(speak("What time is it now?"))
     # The reply (the story's echo) sounds from about 1.3 s after the story ends, for as long as the story.
-    script = Script().add(silence(0.5)).add(story, "story").add(silence(1.9))
+    script = harness.Script().add(silence(0.5)).add(story, "story").add(silence(1.9))
     script.add(0.1 * story[: 2 * RATE], "echo")  # the reply coming back from the speakers at -20 dB
     script.add(silence(0.5)).add(interruption, "interruption").add(silence(1.0))
     wav = script.write(OUTPUT / "cut-in.wav")
@@ -154,13 +127,13 @@ def test_talking_over_a_reply_cuts_it_off_but_its_echo_does_not(url: str, pulse)
         assert flushes[0]["at"] > cut_at, "the echo (which came earlier) did not interrupt"
         first_sound = capture.first_sound_after(room + script.spans["story"][1])
         assert first_sound is not None and first_sound < room + script.spans["echo"][0], "the story was playing"
-        assert heard_between(capture, room + script.spans["echo"][0], room + script.spans["echo"][1]) > 1.5, \
+        assert harness.heard_between(capture, room + script.spans["echo"][0], room + script.spans["echo"][1]) > 1.5, \
             "it kept playing through its echo"
         silent_from = capture.sound_stopped_after(cut_at, quiet_s=0.3)
         assert silent_from is not None and silent_from - cut_at < 1.0, "talking over it silences it"
         played = harness.live_events(page, "played")
         assert [(e["turn"], e["complete"]) for e in played] == [(1, False), (2, True)], played
-        answer_heard = heard_between(capture, room + script.spans["interruption"][1], time.time())
+        answer_heard = harness.heard_between(capture, room + script.spans["interruption"][1], time.time())
         assert answer_heard > 0.8 * len(interruption) / RATE, "the interrupting question is answered, whole"
         harness.wait_for(page, "document.querySelector('#chatbot').innerText.includes('you cut in after')", 10,
                          "the first reply filed as interrupted")
@@ -171,7 +144,7 @@ def test_replies_play_after_the_users_one_click_alone(url: str, pulse) -> None:
     """Nothing but one mouse click touches the page until two replies have been heard: no `evaluate`, whose
     implicit gesture could unlock audio where a real user's browser would not. The second reply plays long
     after the click, when the click's short-lived activation is over."""
-    script = Script().add(silence(0.5)).add(trim(speak("What is the capital of France?")), "q1").add(silence(6.0))
+    script = harness.Script().add(silence(0.5)).add(trim(speak("What is the capital of France?")), "q1").add(silence(6.0))
     script.add(trim(speak("And how many people live there?")), "q2")
     wav = script.write(OUTPUT / "one-click.wav")
     with harness.chromium_page(wav, pulse) as (scout, _):  # another page finds the button and waits for the server
@@ -187,7 +160,7 @@ def test_replies_play_after_the_users_one_click_alone(url: str, pulse) -> None:
         opened = page.evaluate("window.__mic.firstOpenedAt")
     assert opened is not None and opened - clicked < 3, "the click started the conversation"
     for name, until in (("q1", script.spans["q2"][0]), ("q2", script.length_s + 7.0)):
-        assert heard_between(capture, opened + script.spans[name][1], opened + until) > 1.0, f"the reply to {name} played"
+        assert harness.heard_between(capture, opened + script.spans[name][1], opened + until) > 1.0, f"the reply to {name} played"
     assert record.foreign_requests() == []
 
 
@@ -212,7 +185,7 @@ def test_a_closed_tab_takes_its_audio_with_it_and_the_app_leaves_nothing(
 ) -> None:
     """A tab's WAVs and MP3s go when it closes (Gradio's unload), not an hour later; all else at the app's exit."""
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # where the app's own temporary folder goes
-    wav = Script().add(silence(0.5)).add(trim(speak("What is the capital of France?")), "q").add(silence(8.0))
+    wav = harness.Script().add(silence(0.5)).add(trim(speak("What is the capital of France?")), "q").add(silence(8.0))
     path = wav.write(OUTPUT / "closed-tab.wav")
     with harness.running_app(OUTPUT / "closed-tab-app.log") as running:
         (run_dir,) = tmp_path.glob("omni-voice-chat-*")

@@ -24,14 +24,11 @@ from pathlib import Path
 
 import pytest
 
-from omni_server.mini_omni import recipe
+from omni_server.mini_omni import checkpoint, recipe
 from omni_server.mini_omni.checkpoint import WHISPER_URL_VARIABLE
-from omni_server.mini_omni.config import WHISPER_TINY
 from tests import browser_harness as harness
-from tests.mini_omni_helpers import word_tokenizer
+from tests.mini_omni_helpers import write_tiny_checkpoint
 from tests.sound_capture import private_pulse, pulse_tools_missing, recording
-from tests.test_browser import Script, heard_between
-from tests.test_mini_omni_engine import TINY, TINY_SEED
 from tests.speech import espeak_available, silence, speak, trim
 from turn_weights import PATH_VARIABLE, default_path
 
@@ -94,10 +91,7 @@ def pulse():
 @pytest.fixture()
 def endless_checkpoint(tmp_path: Path) -> Path:
     """A tiny recipe checkpoint (no whisper file: it is downloaded) whose replies run to max_tokens."""
-    directory = recipe.write_checkpoint(tmp_path / "checkpoint", TINY, WHISPER_TINY, TINY_SEED,
-                                        recipe=recipe.GPTRecipe(eoa6_gain=0.0))
-    word_tokenizer(directory / "tokenizer.json")
-    return directory
+    return write_tiny_checkpoint(tmp_path / "checkpoint", recipe_gains=recipe.GPTRecipe(eoa6_gain=0.0))
 
 
 def bot_words(page: object) -> list[str]:
@@ -114,10 +108,10 @@ def click(page: object, selector: str) -> None:
 def test_a_question_asked_while_the_model_loads_is_answered_and_stop_frees_the_server(
     pulse, endless_checkpoint: Path, tmp_path: Path
 ) -> None:
-    whisper = endless_checkpoint / recipe.WHISPER_FILE
+    whisper = endless_checkpoint / checkpoint.WHISPER_FILE
     payload = whisper.read_bytes()
     whisper.unlink()
-    script = Script().add(silence(0.5)).add(trim(speak("What is the capital of France?")), "q1")
+    script = harness.Script().add(silence(0.5)).add(trim(speak("What is the capital of France?")), "q1")
     script.add(silence(34.0)).add(trim(speak("And how many people live there?")), "q2")
     wav = script.write(OUTPUT / "mini-omni.wav")
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}  # whisper is downloaded there
@@ -151,18 +145,18 @@ def test_a_question_asked_while_the_model_loads_is_answered_and_stop_frees_the_s
             harness.wait_for(page, "/\\bw\\d+\\b/.test(document.querySelector('#chatbot').innerText)", 15,
                              "the reply's text in the chat")
             deadline = time.monotonic() + 15
-            while heard_between(capture, first_sound, time.time()) < 1.0 and time.monotonic() < deadline:
+            while harness.heard_between(capture, first_sound, time.time()) < 1.0 and time.monotonic() < deadline:
                 time.sleep(0.1)
 
             click(page, "#stop")
             clicked = page.evaluate("window.__stopClickedAt")
-            assert heard_between(capture, clicked - 0.5, clicked) > 0.1, "the reply was playing when Stop was clicked"
+            assert harness.heard_between(capture, clicked - 0.5, clicked) > 0.1, "the reply was playing when Stop was clicked"
             harness.wait_for(page, "document.querySelector('#status').innerText.includes('Stopped')", 10,
                              "the status line to say the conversation stopped")
             time.sleep(1.5)
             silent_from = capture.sound_stopped_after(clicked - 0.3, quiet_s=0.5)
             assert silent_from is not None and silent_from - clicked < 0.5, "Stop silences the reply at once"
-            assert heard_between(capture, clicked + 0.5, time.time()) == 0.0, "and nothing plays after it"
+            assert harness.heard_between(capture, clicked + 0.5, time.time()) == 0.0, "and nothing plays after it"
             harness.wait_for(page, "document.querySelector('#chatbot').innerText.includes('stopped after')", 10,
                              "the stopped reply filed in the chat")
             filed = harness.chat_counts(page)

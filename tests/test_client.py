@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import base64
 import io
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import wave
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,9 +32,9 @@ from omni_client import (
 from omni_server.echo import EchoEngine
 from omni_server.protocol import HealthStatus
 from server_process import LocalServer
+from tests import processes
 from tests.reference_server import Behaviour, ReferenceServer, Script
-from tests.servers import serving_engine, serving_while_loading, wait_for
-from tests.test_server import PIECE, ScriptedEngine, tone
+from tests.servers import PIECE, ScriptedEngine, serving_engine, serving_while_loading, tone, wait_for
 
 WAV = utterance_wav(tone(0.5))
 FRAME = b"\r\n--frame\r\n"
@@ -307,9 +312,8 @@ def test_local_server_launches_waits_restarts_and_stops() -> None:
         events, error = collect(server.url)
         assert error is None and len(audio_of(events)) == 2 * 12_000
 
-        server._process.kill()  # the server dies under us
-        server._process.wait(timeout=5)
-        assert not server.running
+        os.kill(server.pid, signal.SIGKILL)  # the server dies under us
+        assert processes.wait_gone(server.pid, timeout_s=5) and not server.running
         with pytest.raises(ReplyError) as caught:
             list(stream_reply(first_url, WAV, connect_timeout_s=1))
         assert caught.value.kind is FailureKind.UNREACHABLE
@@ -317,15 +321,23 @@ def test_local_server_launches_waits_restarts_and_stops() -> None:
         assert server.restarts == 1 and server.running
         assert server.wait_ready(timeout_s=30).status is HealthStatus.READY
         assert fetch_health(second_url).engine == "echo"
-        process = server._process
-    assert process.wait(timeout=5) is not None  # stopped on leaving the block
+        pid = server.pid
+    assert pid is not None and processes.wait_gone(pid, timeout_s=5), "stopped on leaving the block"
     assert not server.running
 
 
-def test_local_server_exits_when_its_launcher_goes_away() -> None:
-    server = LocalServer(engine="echo")
-    server.start()
-    process = server._process
-    process.stdin.close()  # what the OS does when the launching process dies, even by SIGKILL
-    assert process.wait(timeout=10) == 0
-    server.stop()
+def test_local_server_exits_when_its_launcher_is_killed() -> None:
+    """The launcher (an app) dies by SIGKILL, with no chance to stop its server: the server goes too."""
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", "import time; from server_process import LocalServer; server = LocalServer(engine='echo');"
+                               " server.start(); print(server.pid, flush=True); time.sleep(120)"],
+        cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE, text=True)
+    try:
+        server_pid = int(launcher.stdout.readline())
+        assert not processes.gone(server_pid)
+        launcher.kill()
+        launcher.wait(timeout=5)
+        assert processes.wait_gone(server_pid, timeout_s=10), "the server outlived its launcher"
+    finally:
+        launcher.kill()
+        launcher.wait()

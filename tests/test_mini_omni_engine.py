@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from omni_server.engine import AudioPiece, ChatRequest, RequestRejected, TextPiece
-from omni_server.mini_omni import checkpoint, recipe
+from omni_server.mini_omni import checkpoint
 from omni_server.mini_omni.checkpoint import CheckpointError, download_verified, locate
 from omni_server.mini_omni.codec import (
     FRAME_SAMPLES,
@@ -29,29 +29,24 @@ from omni_server.mini_omni.codec import (
     pcm_reference,
     pcm_rounded,
 )
-from omni_server.mini_omni.config import EOT, WHISPER_TINY, GPTConfig
+from omni_server.mini_omni.config import EOT, GPTConfig
 from omni_server.mini_omni.engine import MiniOmniEngine, cpu_computes_bf16, pick_dtype, request_seed
 from omni_server.mini_omni.generate import generate_steps, prompt_length
-from omni_server.mini_omni.gpt import MiniOmniModel
 from omni_server.mini_omni.text import load_tokenizer
 from omni_server.mini_omni.whisper import WhisperEncoder
 from tests import mini_omni_helpers as helpers
-from tests.mini_omni_helpers import GOLDEN, chirp_audio, golden_noise, load_golden, pcm, read_wav, word_tokenizer
-
-TINY = GPTConfig(
-    name="mini-omni-tiny-test", n_layer=2, n_head=4, head_size=16, n_embd=64, n_query_groups=2,
-    intermediate_size=128, whisper_adapter_dim=384,
-)  # fmt: skip
-TINY_SEED = 1234
-
+from tests.mini_omni_helpers import (
+    GOLDEN,
+    TINY,
+    chirp_audio,
+    golden_noise,
+    load_golden,
+    pcm,
+    read_wav,
+    write_tiny_checkpoint,
+)
 
 one_torch_thread = pytest.fixture(scope="module", autouse=True)(helpers.one_torch_thread)
-
-
-def write_tiny_checkpoint(directory: Path, config: GPTConfig) -> Path:
-    recipe.write_checkpoint(directory, config, WHISPER_TINY, TINY_SEED)
-    word_tokenizer(directory / "tokenizer.json")
-    return directory
 
 
 def load_engine(directory: Path, mode: str) -> tuple[MiniOmniEngine, list[str]]:
@@ -75,7 +70,7 @@ def reply(engine: MiniOmniEngine, request: ChatRequest, **kwargs) -> tuple[list[
 
 def model_frames(engine: MiniOmniEngine, request: ChatRequest) -> list[tuple[int, ...]]:
     """The SNAC frames of the request's whole run, from the model's steps alone."""
-    return helpers.all_frames(s.audio for s in generate_steps(engine._model, request.audio, request.max_tokens))
+    return helpers.all_frames(s.audio for s in generate_steps(engine.model, request.audio, request.max_tokens))
 
 
 # ------------------------------------------------------------------------------------ golden case A
@@ -172,11 +167,11 @@ def test_default_mode_sends_the_whole_reply_without_seams(default_engine, reques
     pieces, text = reply(default_engine, request_30)
     joined = pcm(b"".join(pieces))
     assert len(joined) == len(frames) * FRAME_SAMPLES  # tail frames included
-    whole = pcm(pcm_rounded(default_engine._codec.decode(frames, 0, SeededNoise(request_seed(request_30)))))
+    whole = pcm(pcm_rounded(default_engine.codec.decode(frames, 0, SeededNoise(request_seed(request_30)))))
     assert np.abs(joined - whole).max() <= 1
     assert len(pieces) == len(frames) // 4 + 1  # one per window, on the reference's schedule, and the tail
 
-    steps = list(generate_steps(default_engine._model, request_30.audio, request_30.max_tokens))
+    steps = list(generate_steps(default_engine.model, request_30.audio, request_30.max_tokens))
     stats = default_engine.last_reply
     assert stats.decode_steps == len(steps) - 1 and stats.audio_samples == len(joined)
     tokenizer = load_tokenizer(default_engine.checkpoint_dir / "tokenizer.json")
@@ -189,7 +184,7 @@ def test_reference_mode_drops_the_tail_and_decodes_windows_alone(reference_engin
     pieces, _ = reply(reference_engine, request_30, noise=ZeroNoise())
     assert len(pieces) == len(frames) // 4
     for i, piece in enumerate(pieces):
-        alone = reference_engine._codec.decode(frames[4 * i : 4 * i + 4], 4 * i, ZeroNoise())
+        alone = reference_engine.codec.decode(frames[4 * i : 4 * i + 4], 4 * i, ZeroNoise())
         assert piece == pcm_reference(alone)
 
 
@@ -224,15 +219,10 @@ def test_check_rejects_requests_that_cannot_give_audio(default_engine, reference
     assert rejected(default_engine, audio=np.zeros(30 * 16_000 + 1, dtype=np.float32))
 
 
-def test_check_bounds_max_tokens_by_the_loaded_models_context(chirp) -> None:
+def test_check_bounds_max_tokens_by_the_loaded_models_context(chirp, tmp_path: Path) -> None:
     """A checkpoint with a shorter context than 2048 is refused before anything streams, not mid-generation."""
     short = dataclasses.replace(TINY, block_size=128)
-    whisper = recipe.whisper_state_dict(WHISPER_TINY, TINY_SEED, encoder_only=True)
-    encoder = WhisperEncoder.from_whisper_state_dict(WHISPER_TINY, whisper, "cpu", torch.float32)
-    engine = MiniOmniEngine(None, device="cpu")
-    engine._model = MiniOmniModel.from_state_dicts(
-        short, recipe.gpt_state_dict(short, TINY_SEED), encoder, "cpu", torch.float32
-    )
+    engine, _ = load_engine(write_tiny_checkpoint(tmp_path / "short", short), "default")
     engine.check(ChatRequest(audio=chirp, max_tokens=129))
     with pytest.raises(RequestRejected, match="its context is 128"):
         engine.check(ChatRequest(audio=chirp, max_tokens=130))
@@ -251,8 +241,6 @@ def test_the_cpu_warm_up_pays_the_first_call_costs_without_the_whisper_encoder(
 ) -> None:
     """The encoder's fixed 30 s input costs the same every call, so the warm-up skips it (bench/warm_up.py);
     it still runs a reply through the prefill, the steps and SNAC."""
-    from omni_server.mini_omni.whisper import WhisperEncoder
-
     encodes: list[int] = []
     forward = WhisperEncoder.forward
     monkeypatch.setattr(WhisperEncoder, "forward", lambda self, *a, **k: encodes.append(1) or forward(self, *a, **k))

@@ -22,9 +22,8 @@ from omni_server.mini_omni.engine import MiniOmniEngine
 from omni_server.protocol import HealthStatus
 from server_process import LocalServer
 from tests import mini_omni_helpers as helpers
-from tests.mini_omni_helpers import GOLDEN, chirp_audio
+from tests.mini_omni_helpers import GOLDEN, TINY, chirp_audio, write_tiny_checkpoint
 from tests.servers import serving_engine
-from tests.test_mini_omni_engine import TINY, write_tiny_checkpoint
 
 one_torch_thread = pytest.fixture(scope="module", autouse=True)(helpers.one_torch_thread)
 

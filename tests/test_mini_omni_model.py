@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from omni_server.mini_omni import recipe
+from omni_server.mini_omni import checkpoint, recipe
 from omni_server.mini_omni.config import EOT, PAD_T, WHISPER_TINY, GPTConfig, WhisperDims
 from omni_server.mini_omni.generate import (
     Step,
@@ -29,6 +29,7 @@ from omni_server.mini_omni.generate import (
 from omni_server.mini_omni.gpt import MiniOmniModel
 from omni_server.mini_omni.head import HeadSlice
 from omni_server.mini_omni.whisper import feature_length, log_mel
+from tests import mini_omni_helpers as helpers
 from tests.mini_omni_helpers import GOLDEN, chirp_audio, golden_a_model, load_golden, read_wav
 
 SEED_A = 1234
@@ -97,7 +98,7 @@ def test_golden_a_front_end_and_logits(case_a, model_a: MiniOmniModel) -> None:
             if k:
                 fed = torch.tensor([golden["steps"][k]["fed_item0"], golden["steps"][k]["fed_item1"]])
                 hidden = gpt(fed[:, :, None], len(prompt[0, 0]) + k - 1)
-            logits = gpt.full_logits(hidden)
+            logits = helpers.full_logits(gpt, hidden)
             np.testing.assert_allclose(logits.numpy(), arrays[f"logits_call{k}"], atol=1e-5, rtol=0)
 
 
@@ -158,9 +159,9 @@ TINY_RECIPE = recipe.GPTRecipe(eot_gain=8.0)  # a boosted eot, so text forcing s
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A checkpoint written in the real file formats (whisper in fp16, as the real small.pt)."""
     directory = tmp_path_factory.mktemp("tiny-checkpoint")
-    TINY.write_yaml(directory / recipe.CONFIG_FILE)
-    recipe.write_gpt(directory / recipe.GPT_FILE, TINY, TINY_SEED, TINY_RECIPE)
-    recipe.write_whisper(directory / recipe.WHISPER_FILE, TINY_WHISPER, TINY_SEED, torch.float16)
+    TINY.write_yaml(directory / checkpoint.CONFIG_FILE)
+    recipe.write_gpt(directory / checkpoint.GPT_FILE, TINY, TINY_SEED, TINY_RECIPE)
+    recipe.write_whisper(directory / checkpoint.WHISPER_FILE, TINY_WHISPER, TINY_SEED, torch.float16)
     return directory
 
 
@@ -171,7 +172,7 @@ def dense(tensor: torch.Tensor) -> torch.Tensor:
 
 def load_tiny(directory: Path, dtype: torch.dtype = torch.float32) -> MiniOmniModel:
     return MiniOmniModel.load(
-        directory / recipe.GPT_FILE, directory / recipe.CONFIG_FILE, directory / recipe.WHISPER_FILE, "cpu", dtype
+        directory / checkpoint.GPT_FILE, directory / checkpoint.CONFIG_FILE, directory / checkpoint.WHISPER_FILE, "cpu", dtype
     )
 
 
@@ -201,33 +202,33 @@ def test_loaded_weights_are_the_recipe(tiny: MiniOmniModel) -> None:
 
 def test_tied_head_uses_wte_like_the_reference(tiny_dir: Path, tmp_path: Path) -> None:
     """If the file's two tied copies differ, `transformer.wte.weight` wins (docs/mini-omni.md §2)."""
-    state = torch.load(tiny_dir / recipe.GPT_FILE)
+    state = torch.load(tiny_dir / checkpoint.GPT_FILE)
     state["lm_head.weight"] = torch.zeros_like(state["lm_head.weight"])
-    torch.save(state, tmp_path / recipe.GPT_FILE)
+    torch.save(state, tmp_path / checkpoint.GPT_FILE)
     model = MiniOmniModel.load(
-        tmp_path / recipe.GPT_FILE, tiny_dir / recipe.CONFIG_FILE, tiny_dir / recipe.WHISPER_FILE, "cpu", torch.float32
+        tmp_path / checkpoint.GPT_FILE, tiny_dir / checkpoint.CONFIG_FILE, tiny_dir / checkpoint.WHISPER_FILE, "cpu", torch.float32
     )
     assert torch.equal(model.gpt.transformer.wte.weight, state["transformer.wte.weight"])
 
 
 def test_pre_zip_checkpoint_files_load_too(tiny_dir: Path, tiny: MiniOmniModel, tmp_path: Path) -> None:
     """Files in torch's legacy format cannot be memory-mapped; they are read whole, to the same weights."""
-    legacy = tmp_path / recipe.GPT_FILE
-    torch.save(torch.load(tiny_dir / recipe.GPT_FILE), legacy, _use_new_zipfile_serialization=False)
+    legacy = tmp_path / checkpoint.GPT_FILE
+    torch.save(torch.load(tiny_dir / checkpoint.GPT_FILE), legacy, _use_new_zipfile_serialization=False)
     model = MiniOmniModel.load(
-        legacy, tiny_dir / recipe.CONFIG_FILE, tiny_dir / recipe.WHISPER_FILE, "cpu", torch.float32
+        legacy, tiny_dir / checkpoint.CONFIG_FILE, tiny_dir / checkpoint.WHISPER_FILE, "cpu", torch.float32
     )
     for key, tensor in tiny.gpt.state_dict().items():
         assert torch.equal(dense(model.gpt.state_dict()[key]), dense(tensor)), key
 
 
 def test_mismatched_checkpoint_is_refused(tiny_dir: Path, tmp_path: Path) -> None:
-    dataclasses.replace(TINY, n_layer=3).write_yaml(tmp_path / recipe.CONFIG_FILE)
+    dataclasses.replace(TINY, n_layer=3).write_yaml(tmp_path / checkpoint.CONFIG_FILE)
     with pytest.raises(ValueError, match="transformer.h.2"):
         MiniOmniModel.load(
-            tiny_dir / recipe.GPT_FILE,
-            tmp_path / recipe.CONFIG_FILE,
-            tiny_dir / recipe.WHISPER_FILE,
+            tiny_dir / checkpoint.GPT_FILE,
+            tmp_path / checkpoint.CONFIG_FILE,
+            tiny_dir / checkpoint.WHISPER_FILE,
             "cpu",
             torch.float32,
         )

@@ -15,63 +15,18 @@ import requests
 import soxr
 
 from omni_server.echo import EchoEngine
-from omni_server.engine import AudioPiece, ChatRequest, ProgressCallback, RequestRejected, TextPiece
 from omni_server.protocol import HealthStatus
 from omni_server.engine_host import EngineHost
 from omni_server.http_app import create_app
-from tests.servers import serving_app, serving_engine, serving_while_loading, wait_for
+from tests.servers import PIECE, ScriptedEngine, serving_app, serving_engine, serving_while_loading, tone, wait_for
 from tests.speech import silence, to_int16, wav_bytes
 
 TIMEOUT = (2, 10)
-PIECE = b"\x01\x00" * 2048  # 85 ms of PCM
 
 
 def chat_body(samples: np.ndarray | None = None, **fields: object) -> dict:
     audio = wav_bytes(samples if samples is not None else tone(0.5))
     return {"audio": base64.b64encode(audio).decode(), **fields}
-
-
-def tone(seconds: float, rate: int = 16_000) -> np.ndarray:
-    t = np.arange(round(seconds * rate)) / rate
-    return (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
-
-
-class ScriptedEngine:
-    """Yields `pieces` audio pieces `delay` apart, then optionally raises; records each request's max_tokens."""
-
-    name = "scripted"
-
-    def __init__(self, pieces: int = 2, delay: float = 0.0, fail_after: int | None = None, text: str = "",
-                 gate: threading.Event | None = None, piece: bytes = PIECE) -> None:
-        self.pieces, self.delay, self.fail_after, self.text, self.gate = pieces, delay, fail_after, text, gate
-        self.piece = piece
-        self.served: list[int] = []
-        self.stopped_early = threading.Event()
-
-    def load(self, progress: ProgressCallback) -> None:
-        pass
-
-    def check(self, request: ChatRequest) -> None:
-        if request.max_tokens == 13:
-            raise RequestRejected("Thirteen tokens is unlucky.")
-
-    def generate(self, request: ChatRequest) -> Iterator[AudioPiece | TextPiece]:
-        self.served.append(request.max_tokens)
-        if self.gate is not None:
-            self.gate.wait(timeout=10)
-        if self.text:
-            yield TextPiece(self.text)
-        completed = False
-        try:
-            for index in range(self.pieces):
-                if self.fail_after is not None and index == self.fail_after:
-                    raise RuntimeError("the decoder met a special token")
-                time.sleep(self.delay)
-                yield AudioPiece(self.piece)
-            completed = True
-        finally:
-            if not completed:
-                self.stopped_early.set()
 
 
 @pytest.fixture()

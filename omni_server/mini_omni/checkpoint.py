@@ -21,10 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from omni_server.mini_omni.codec import SNAC_HUB_REPO
-from omni_server.mini_omni.recipe import CONFIG_FILE, GPT_FILE, SNAC_DIR, WHISPER_FILE
 
 MINI_OMNI_HUB_REPO = "gpt-omni/mini-omni"
+GPT_FILE = "lit_model.pth"
+CONFIG_FILE = "model_config.yaml"
 TOKENIZER_FILE = "tokenizer.json"
+WHISPER_FILE = "small.pt"
+SNAC_DIR = "snac_24khz"
 SNAC_FILES = ("config.json", "pytorch_model.bin")
 
 # openai-whisper's multilingual "small" checkpoint; the path segment before the file name is its sha256.

@@ -26,9 +26,7 @@ import numpy as np
 import torch
 
 from omni_server.engine import (
-    INPUT_SAMPLE_RATE,
     MAX_INPUT_SECONDS,
-    OUTPUT_SAMPLE_RATE,
     AudioPiece,
     ChatRequest,
     ProgressCallback,
@@ -59,6 +57,7 @@ from omni_server.mini_omni.generate import (
 from omni_server.mini_omni.gpt import BATCH, MiniOmniModel
 from omni_server.mini_omni.text import TextStreamer, load_tokenizer
 from omni_server.mini_omni.whisper import feature_length
+from omni_server.protocol import INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +200,20 @@ class MiniOmniEngine:
         self._tokenizer = None
         self._lock = threading.Lock()  # one reply at a time: the model and codec hold per-call state
         self.last_reply: ReplyStats | None = None
+
+    @property
+    def model(self) -> MiniOmniModel:
+        """The loaded model, for benches and tests that run its steps directly."""
+        if self._model is None:
+            raise RuntimeError("the mini-omni engine is not loaded")
+        return self._model
+
+    @property
+    def codec(self) -> SnacCodec:
+        """The loaded SNAC codec, for tests that decode frames directly."""
+        if self._codec is None:
+            raise RuntimeError("the mini-omni engine is not loaded")
+        return self._codec
 
     def load(self, progress: ProgressCallback) -> None:
         files = locate(self.checkpoint_dir, progress)

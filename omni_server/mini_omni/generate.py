@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .config import (
+from omni_server.mini_omni.config import (
     ANSWER_A,
     ANSWER_T,
     AUDIO_LAYERS,
@@ -30,8 +30,8 @@ from .config import (
     STREAMS,
     audio_offset,
 )
-from .gpt import BATCH, MiniOmniModel, Selection
-from .whisper import feature_length, log_mel
+from omni_server.mini_omni.gpt import BATCH, MiniOmniModel, Selection
+from omni_server.mini_omni.whisper import feature_length, log_mel
 
 DEFAULT_BLOCK_SIZE = 2048
 

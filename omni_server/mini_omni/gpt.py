@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import AUDIO_LAYERS, STREAMS, GPTConfig
-from .head import HeadSlice
-from .layers import Linear
-from .mapped import load_mapped
-from .whisper import WhisperEncoder
+from omni_server.mini_omni.config import AUDIO_LAYERS, STREAMS, GPTConfig
+from omni_server.mini_omni.head import HeadSlice
+from omni_server.mini_omni.layers import Linear
+from omni_server.mini_omni.mapped import load_mapped
+from omni_server.mini_omni.whisper import WhisperEncoder
 
 BATCH = 2  # item 0 answers with audio, item 1 with text only (docs/mini-omni.md §7)
 
@@ -214,9 +214,6 @@ class GPT(nn.Module):
         (text,) = self.head_text.argmax(hidden[1:])
         return Selection(tuple(audio), text)
 
-    def full_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """All 181120 logits for both items (for comparison with the reference only; decoding never needs it)."""
-        return F.linear(hidden, self.transformer.wte.weight)
 
 
 def load_gpt(path: Path, config: GPTConfig, device: str | torch.device, dtype: torch.dtype) -> GPT:
@@ -279,21 +276,3 @@ class MiniOmniModel:
                 f"whisper width {encoder.dims.n_audio_state} != whisper_adapter_dim {config.whisper_adapter_dim}"
             )
         return cls(gpt, encoder, torch.device(device), dtype)
-
-    @classmethod
-    def from_state_dicts(
-        cls,
-        config: GPTConfig,
-        gpt_state: dict[str, torch.Tensor],
-        encoder: WhisperEncoder,
-        device: str,
-        dtype: torch.dtype,
-    ) -> MiniOmniModel:
-        """Build from in-memory weights (tests); `gpt_state` as in `lit_model.pth`."""
-        with torch.device("meta"):
-            gpt = GPT(config)
-        weights = {k: v.to(device=device, dtype=dtype) for k, v in gpt_state.items() if k != "lm_head.weight"}
-        gpt.load_state_dict(weights, strict=True, assign=True)
-        del weights
-        gpt.prepare(torch.device(device), dtype)
-        return cls(gpt.eval(), encoder.eval(), torch.device(device), dtype)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .layers import can_pack, linear, pack
+from omni_server.mini_omni.layers import can_pack, linear, pack
 
 # Relative error of one bf16 rounding is at most 2^-8. The screened dot product rounds the hidden state
 # and the weights (2 * 2^-8 of sum |h_i w_i|), accumulates n products in fp32 (n * 2^-24) and rounds its

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from .codec import derive_seed
-from .config import AUDIO_CODES, AUDIO_LAYERS, EOA, EOT, GPTConfig, WhisperDims, audio_offset
+from omni_server.mini_omni.checkpoint import CONFIG_FILE, GPT_FILE, SNAC_DIR, WHISPER_FILE
+from omni_server.mini_omni.codec import derive_seed
+from omni_server.mini_omni.config import AUDIO_CODES, AUDIO_LAYERS, EOA, EOT, GPTConfig, WhisperDims, audio_offset
 
 SNAC_24KHZ_CONFIG: dict = {
     "sampling_rate": 24000,
@@ -33,12 +34,6 @@ SNAC_24KHZ_CONFIG: dict = {
     "noise": True,
     "depthwise": True,
 }
-
-# File names inside a checkpoint directory (docs/mini-omni.md §2; whisper and SNAC as the reference fetches them).
-GPT_FILE = "lit_model.pth"
-CONFIG_FILE = "model_config.yaml"
-WHISPER_FILE = "small.pt"
-SNAC_DIR = "snac_24khz"
 
 
 @dataclass(frozen=True)
@@ -313,7 +308,7 @@ def main() -> None:
     """`python -m omni_server.mini_omni.recipe DIR [--seed N] [--eoa6-gain G] [--size real|tiny]`."""
     import argparse
 
-    from .config import WHISPER_SMALL, WHISPER_TINY, real_config
+    from omni_server.mini_omni.config import WHISPER_SMALL, WHISPER_TINY, real_config
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("directory", type=Path)

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import WhisperDims
-from .layers import Linear
-from .mapped import load_mapped
+from omni_server.mini_omni.config import WhisperDims
+from omni_server.mini_omni.layers import Linear
+from omni_server.mini_omni.mapped import load_mapped
 
 SAMPLE_RATE = 16_000
 N_FFT = 400
