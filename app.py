@@ -52,18 +52,22 @@ import omni_client  # noqa: E402
 import turn_weights  # noqa: E402
 from audio_files import TurnFiles  # noqa: E402
 from backend import Backend  # noqa: E402
+from end_of_turn import SharedTurnModel  # noqa: E402
 from live_link import LiveLink, Send, status_line  # noqa: E402
 from live_route import LiveTokens, add_live_route  # noqa: E402
-from replying import ReplySettings, end_conversation, whole_reply  # noqa: E402
-from end_of_turn import SharedTurnModel  # noqa: E402
-from state import Conversation, Phase  # noqa: E402
 from omni_server.audio_decode import DecoderUnavailable, UndecodableAudio  # noqa: E402
+from replying import ReplySettings, end_conversation, whole_reply  # noqa: E402
+from state import Conversation, Phase  # noqa: E402
 from vad import PATIENCE, VadOptions, turn_options  # noqa: E402
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 DEFAULT_VAD = VadOptions()
 DEFAULT_PATIENCE = "balanced"  # VadOptions' own defaults
 SERVER_CHECK_S = 1.0  # how often a tab refreshes the model server's line (loading progress, restarts)
+NO_LIVE_CHANNEL = (
+    "The page could not open its live audio connection to the app (the microphone was refused, or a proxy "
+    "blocks WebSockets). Click **Start** to try again."
+)
 CONNECT_TIMEOUT_S = 10.0  # the page has this long to open its live channel after Start
 FOLLOW_POLL_S = 0.05  # how often a conversation's follower looks for changes to show (a version number)
 MAX_UPLOAD_BYTES = 16 * 1024 * 1024  # a question for the `chat` API: 30 s of 48 kHz stereo float WAV is 11.5 MB
@@ -134,8 +138,13 @@ class Handlers:
     """The page's event handlers and the live channel's sessions. Plain methods, so tests call them
     directly without a browser."""
 
-    def __init__(self, backend: Backend, settings: ReplySettings = ReplySettings(),
-                 turn_model: SharedTurnModel | None = None, files_root: Path = RUN_DIR) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        settings: ReplySettings = ReplySettings(),
+        turn_model: SharedTurnModel | None = None,
+        files_root: Path = RUN_DIR,
+    ) -> None:
         self.backend = backend
         self.settings = settings
         self.turn_model = turn_model
@@ -151,8 +160,11 @@ class Handlers:
         API endpoint), and the server's state."""
         self.backend.start()
         completion = self.turn_model.completion if self.turn_model is not None else None
-        session = Session(conversation=Conversation(completion), files=TurnFiles(self.files_root / "tabs"),
-                          server_line_shown=self._server_line())
+        session = Session(
+            conversation=Conversation(completion),
+            files=TurnFiles(self.files_root / "tabs"),
+            server_line_shown=self._server_line(),
+        )
         if request is not None and request.session_hash:
             self._open_tabs[request.session_hash] = session
         return PageOpened(session, self._idle_status(), session.server_line_shown)
@@ -181,8 +193,15 @@ class Handlers:
         idle = session.conversation.phase is Phase.IDLE
         return ServerView(self._idle_status() if idle else gr.skip(), line)
 
-    def options_changed(self, session: Session | None, patience: str, semantic: bool, pause_secs: float,
-                        start_secs: float, barge_in: bool) -> None:
+    def options_changed(
+        self,
+        session: Session | None,
+        patience: str,
+        semantic: bool,
+        pause_secs: float,
+        start_secs: float,
+        barge_in: bool,
+    ) -> None:
         """The turn options, for this tab's next turn."""
         if session is not None:
             options = turn_options(str(patience), bool(semantic), float(pause_secs), float(start_secs))
@@ -200,9 +219,7 @@ class Handlers:
         while conversation.phase in (Phase.IDLE, Phase.STOPPED):
             if time.monotonic() > deadline:
                 self.tokens.revoke(session)
-                yield ConversationView("", gr.skip(), (
-                    "The page could not open its live audio connection to the app (the microphone was refused, or a "
-                    "proxy blocks WebSockets). Click **Start** to try again."))
+                yield ConversationView("", gr.skip(), NO_LIVE_CHANNEL)
                 return
             await asyncio.sleep(FOLLOW_POLL_S)
         shown: StoppedView | None = None
@@ -303,8 +320,10 @@ class Handlers:
         if not self.backend.ready:
             return self.backend.status_line()
         if self.backend.engine == "echo":
-            return (f"{WELCOME} ({self.backend.description}: it speaks your own words back; "
-                    "*Turn options and server* says why the model is not used.)")
+            return (
+                f"{WELCOME} ({self.backend.description}: it speaks your own words back; "
+                "*Turn options and server* says why the model is not used.)"
+            )
         return f"{WELCOME} ({self.backend.description})"
 
 
@@ -337,21 +356,34 @@ def build_demo(handlers: Handlers) -> gr.Blocks:
                 with gr.Row():
                     start = gr.Button("Start conversation", variant="primary", elem_id="start")
                     stop = gr.Button("Stop conversation", variant="stop", elem_id="stop")
-                gr.HTML(LIVE_PANEL, js_on_load=(WEB_DIR / "live.js").read_text(), css_template=LIVE_CSS,
-                        elem_id="live")
+                gr.HTML(LIVE_PANEL, js_on_load=(WEB_DIR / "live.js").read_text(), css_template=LIVE_CSS, elem_id="live")
                 status = gr.Markdown(WELCOME, elem_id="status")
                 with gr.Accordion("Turn options and server", open=False):
-                    patience = gr.Radio([(name.capitalize(), name) for name in PATIENCE], value=DEFAULT_PATIENCE,
-                                        label="When to answer",
-                                        info="Quick answers as soon as you sound finished; patient waits longer "
-                                             "through your pauses.")
-                    semantic = gr.Checkbox(DEFAULT_VAD.semantic, label="Listen for the end of your sentence "
-                                           "(off: answer after a fixed pause)")
-                    pause_secs = gr.Slider(0.3, 2.0, value=DEFAULT_VAD.pause_secs, step=0.05,
-                                           label="Fixed pause that ends your turn, when not listening for the "
-                                                 "end of your sentence (seconds)")
-                    start_secs = gr.Slider(0.1, 1.0, value=DEFAULT_VAD.start_secs, step=0.05,
-                                           label="Speech needed to start a turn (seconds)")
+                    patience = gr.Radio(
+                        [(name.capitalize(), name) for name in PATIENCE],
+                        value=DEFAULT_PATIENCE,
+                        label="When to answer",
+                        info="Quick answers as soon as you sound finished; patient waits longer through your pauses.",
+                    )
+                    semantic = gr.Checkbox(
+                        DEFAULT_VAD.semantic,
+                        label="Listen for the end of your sentence (off: answer after a fixed pause)",
+                    )
+                    pause_secs = gr.Slider(
+                        0.3,
+                        2.0,
+                        value=DEFAULT_VAD.pause_secs,
+                        step=0.05,
+                        label="Fixed pause that ends your turn, when not listening for the "
+                        "end of your sentence (seconds)",
+                    )
+                    start_secs = gr.Slider(
+                        0.1,
+                        1.0,
+                        value=DEFAULT_VAD.start_secs,
+                        step=0.05,
+                        label="Speech needed to start a turn (seconds)",
+                    )
                     barge_in = gr.Checkbox(True, label="Talking over a reply cuts it off (barge-in)")
                     server_info = gr.Markdown(elem_id="server")
             with gr.Column(scale=3):
@@ -368,8 +400,9 @@ def build_demo(handlers: Handlers) -> gr.Blocks:
         for option in options[1:]:
             option.change(handlers.options_changed, options, None, **quiet)
         start.click(None, None, None, js=PREPARE_JS)
-        following = start.click(handlers.start, [session], outputs(ConversationView._fields, shown), concurrency_limit=None,
-                                **quiet)
+        following = start.click(
+            handlers.start, [session], outputs(ConversationView._fields, shown), concurrency_limit=None, **quiet
+        )
         token.change(None, [token], None, js=CONNECT_JS)
         stop.click(None, None, None, js=STOP_JS)
         stop.click(handlers.stop, [session], outputs(StoppedView._fields, shown), cancels=[following], **quiet)
@@ -379,9 +412,14 @@ def build_demo(handlers: Handlers) -> gr.Blocks:
         api_text = gr.Textbox(visible=False)
         api_trigger = gr.Button(visible=False)
         api_outputs = outputs(ApiReply._fields, {"answer": api_answer, "text": api_text})
-        api_trigger.click(handlers.api_chat, [api_question], api_outputs, api_name="chat",
-                          api_description="Send a spoken question (an audio file); get the spoken reply (MP3) "
-                                          "and its text (empty when the server sends none).")
+        api_trigger.click(
+            handlers.api_chat,
+            [api_question],
+            api_outputs,
+            api_name="chat",
+            api_description="Send a spoken question (an audio file); get the spoken reply (MP3) "
+            "and its text (empty when the server sends none).",
+        )
     return demo
 
 
@@ -396,20 +434,32 @@ def create_app(handlers: Handlers) -> FastAPI:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="omni-voice-chat: a voice chat with a speech-to-speech model.")
-    parser.add_argument("--server-url", default=os.environ.get("OMNI_SERVER_URL") or None,
-                        help="use this running mini-omni-compatible server instead of launching one "
-                             "(env OMNI_SERVER_URL)")
-    parser.add_argument("--engine", choices=["auto", "echo", "mini-omni"],
-                        default=os.environ.get("OMNI_ENGINE", "auto"),
-                        help="engine of the launched server: auto (mini-omni when a checkpoint can be had, "
-                             "else echo), echo or mini-omni (env OMNI_ENGINE)")
-    parser.add_argument("--turn-model", type=Path, default=None,
-                        help=f"the end-of-turn model's ONNX file (env {turn_weights.PATH_VARIABLE}; default: the user's "
-                             "cache, fetched from PyPI or the Hub on first start unless env "
-                             f"{turn_weights.DOWNLOAD_VARIABLE}=0)")
-    parser.add_argument("--checkpoint-dir", type=Path,
-                        default=Path(os.environ.get("OMNI_CHECKPOINT_DIR", "checkpoint")),
-                        help="mini-omni checkpoint directory (default ./checkpoint; env OMNI_CHECKPOINT_DIR)")
+    parser.add_argument(
+        "--server-url",
+        default=os.environ.get("OMNI_SERVER_URL") or None,
+        help="use this running mini-omni-compatible server instead of launching one (env OMNI_SERVER_URL)",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=["auto", "echo", "mini-omni"],
+        default=os.environ.get("OMNI_ENGINE", "auto"),
+        help="engine of the launched server: auto (mini-omni when a checkpoint can be had, "
+        "else echo), echo or mini-omni (env OMNI_ENGINE)",
+    )
+    parser.add_argument(
+        "--turn-model",
+        type=Path,
+        default=None,
+        help=f"the end-of-turn model's ONNX file (env {turn_weights.PATH_VARIABLE}; default: the user's "
+        "cache, fetched from PyPI or the Hub on first start unless env "
+        f"{turn_weights.DOWNLOAD_VARIABLE}=0)",
+    )
+    parser.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        default=Path(os.environ.get("OMNI_CHECKPOINT_DIR", "checkpoint")),
+        help="mini-omni checkpoint directory (default ./checkpoint; env OMNI_CHECKPOINT_DIR)",
+    )
     return parser.parse_args(argv)
 
 

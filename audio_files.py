@@ -68,7 +68,19 @@ def wav_bytes(pcm: bytes, sample_rate: int) -> bytes:
     size = len(pcm) - len(pcm) % 2
     header = struct.pack(
         "<4sI4s4sIHHIIHH4sI",
-        b"RIFF", 36 + size, b"WAVE", b"fmt ", 16, 1, 1, sample_rate, sample_rate * 2, 2, 16, b"data", size,
+        b"RIFF",
+        36 + size,
+        b"WAVE",
+        b"fmt ",
+        16,
+        1,
+        1,
+        sample_rate,
+        sample_rate * 2,
+        2,
+        16,
+        b"data",
+        size,
     )
     return header + pcm[:size]
 

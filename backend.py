@@ -26,9 +26,7 @@ READY_TIMEOUT_S = 3600.0  # a first download of the real model can take long; th
 class Backend:
     def __init__(self, *, server_url: str | None, engine: str = "auto", checkpoint_dir: Path | None = None) -> None:
         self._external_url = server_url.rstrip("/") if server_url else None
-        self._local = (
-            None if self._external_url else LocalServer(engine=engine, checkpoint_dir=checkpoint_dir)
-        )
+        self._local = None if self._external_url else LocalServer(engine=engine, checkpoint_dir=checkpoint_dir)
         self._lock = threading.Lock()
         self._health = Health(HealthStatus.LOADING, "", "starting")
         self._progress = "Starting the model server"
@@ -125,7 +123,7 @@ class Backend:
 
     @property
     def engine(self) -> str:
-        """"mini-omni", "echo", or "" while unknown."""
+        """ "mini-omni", "echo", or "" while unknown."""
         return self._health.engine
 
     @property

@@ -83,31 +83,48 @@ class LiveLink:
         """Tell the page, file the user's words (a WAV, about 1 ms; first, so the chat keeps its order whatever
         happens to the reply), then stream the reply on a thread of its own."""
         utterance = heard.utterance
-        self._send(wire.server_message("turn", turn=heard.number, speech_end_s=round(utterance.speech_end_s, 4),
-                                       utterance_s=round(utterance.duration_s, 4)))
+        self._send(
+            wire.server_message(
+                "turn",
+                turn=heard.number,
+                speech_end_s=round(utterance.speech_end_s, 4),
+                utterance_s=round(utterance.duration_s, 4),
+            )
+        )
         try:
             file_user_turn(self.conversation, heard, self._session.files)
         except OSError as error:  # e.g. a full disk: the turn is still answered, only its file is missing
             log.warning("could not save turn %d: %s", heard.number, error)
-            self.conversation.warn(f"Your words could not be saved to the chat ({error.strerror or error}); "
-                                   "answering anyway.")
+            self.conversation.warn(
+                f"Your words could not be saved to the chat ({error.strerror or error}); answering anyway."
+            )
         reply = self.conversation.start_reply()
         if reply is not None:
             threading.Thread(target=self._stream, args=(reply,), name=f"reply-{heard.number}", daemon=True).start()
 
     def _stream(self, reply: Reply) -> None:
         turn = reply.turn.number
-        answer(self.conversation, reply, self._server, self._session.files,
-               play=lambda pcm: self._send(wire.reply_frame(turn, pcm)), settings=self._settings)
+        answer(
+            self.conversation,
+            reply,
+            self._server,
+            self._session.files,
+            play=lambda pcm: self._send(wire.reply_frame(turn, pcm)),
+            settings=self._settings,
+        )
         if reply.cancel.is_set():
             return
         engine_s = reply.engine_first_audio_s
-        self._send(wire.server_message("reply_end", turn=turn,
-                                       engine_first_audio_s=None if engine_s is None else round(engine_s, 4)))
+        self._send(
+            wire.server_message(
+                "reply_end", turn=turn, engine_first_audio_s=None if engine_s is None else round(engine_s, 4)
+            )
+        )
         if reply.pcm:
             samples = len(reply.pcm) // 2
-            deadline = threading.Timer(samples / wire.OUTPUT_SAMPLE_RATE + PLAYED_GRACE_S, self.played,
-                                       (turn, samples, True))
+            deadline = threading.Timer(
+                samples / wire.OUTPUT_SAMPLE_RATE + PLAYED_GRACE_S, self.played, (turn, samples, True)
+            )
             deadline.daemon = True
             deadline.start()
 

@@ -69,7 +69,8 @@ def add_live_route(app: FastAPI, tokens: LiveTokens[S], make_link: MakeLink[S], 
         loop = asyncio.get_running_loop()
         outbox: asyncio.Queue[str | bytes] = asyncio.Queue()
         link = await asyncio.to_thread(
-            make_link, session, lambda message: loop.call_soon_threadsafe(outbox.put_nowait, message))
+            make_link, session, lambda message: loop.call_soon_threadsafe(outbox.put_nowait, message)
+        )
         if link is None:
             await _refuse(socket, "This tab's conversation is already running in another connection.")
             return
@@ -90,7 +91,7 @@ async def _greeted_session(socket: WebSocket, tokens: LiveTokens[S]) -> S | None
     try:
         text = await asyncio.wait_for(socket.receive_text(), wire.HELLO_TIMEOUT_S)
         hello = wire.parse_client_message(text)
-    except (asyncio.TimeoutError, WebSocketDisconnect, KeyError, wire.ProtocolError):
+    except (TimeoutError, WebSocketDisconnect, KeyError, wire.ProtocolError):
         hello = None
     session = tokens.claim(hello.token) if isinstance(hello, wire.Hello) else None
     if session is None:
@@ -145,7 +146,7 @@ async def _send_all(socket: WebSocket, outbox: asyncio.Queue[str | bytes]) -> No
         while True:
             try:
                 message = await asyncio.wait_for(outbox.get(), wire.PING_INTERVAL_S)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 message = wire.server_message("ping")
             if isinstance(message, bytes):
                 await socket.send_bytes(message)

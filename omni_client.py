@@ -198,17 +198,21 @@ def _interpret(events: Iterator[tuple[str, object]], server_url: str, stall_time
                 yield from parser.finish()
     except (requests.exceptions.ConnectTimeout, requests.exceptions.ConnectionError) as error:
         if isinstance(error, requests.exceptions.ConnectTimeout) or _never_connected(error):
-            raise ReplyError(FailureKind.UNREACHABLE,
-                             f"Could not reach the model server at {server_url}. Is it running?") from error
-        raise ReplyError(FailureKind.SERVER_ERROR,
-                         "The model server closed the connection without answering.") from error
+            raise ReplyError(
+                FailureKind.UNREACHABLE, f"Could not reach the model server at {server_url}. Is it running?"
+            ) from error
+        raise ReplyError(
+            FailureKind.SERVER_ERROR, "The model server closed the connection without answering."
+        ) from error
     except (requests.exceptions.Timeout, urllib3.exceptions.ReadTimeoutError) as error:
-        raise ReplyError(FailureKind.STALLED,
-                         f"The model server stopped answering (nothing for {stall_timeout_s:g} s).") from error
+        raise ReplyError(
+            FailureKind.STALLED, f"The model server stopped answering (nothing for {stall_timeout_s:g} s)."
+        ) from error
     except (urllib3.exceptions.ProtocolError, urllib3.exceptions.DecodeError) as error:
         if not answered:
-            raise ReplyError(FailureKind.SERVER_ERROR,
-                             "The model server closed the connection without answering.") from error
+            raise ReplyError(
+                FailureKind.SERVER_ERROR, "The model server closed the connection without answering."
+            ) from error
         raise _cut_short(parser.server_reason() if parser is not None else "") from error
     except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError) as error:
         raise ReplyError(FailureKind.UNREACHABLE, f"Could not talk to the model server ({error}).") from error
@@ -244,7 +248,9 @@ def _http_error(status: int, reason: str, headers: requests.structures.CaseInsen
     if status == 503:
         return ReplyError(FailureKind.NOT_READY, said or "The model server is not ready yet. Try again in a moment.")
     if 400 <= status < 500:
-        return ReplyError(FailureKind.REJECTED, said or f"The model server refused the request (HTTP {status} {reason}).")
+        return ReplyError(
+            FailureKind.REJECTED, said or f"The model server refused the request (HTTP {status} {reason})."
+        )
     because = f": {said}" if said else f" (HTTP {status} {reason})"
     return ReplyError(FailureKind.SERVER_ERROR, f"The model server failed to answer{because}")
 
@@ -281,8 +287,9 @@ class _PcmJoiner:
         if self.total == 0:
             raise ReplyError(FailureKind.EMPTY, "The model server answered without any audio.")
         if self._carry:
-            raise ReplyError(FailureKind.GARBAGE,
-                             "The reply audio ended in the middle of a sample, so it is not 16-bit audio.")
+            raise ReplyError(
+                FailureKind.GARBAGE, "The reply audio ended in the middle of a sample, so it is not 16-bit audio."
+            )
 
 
 class _RawPcmParser:
@@ -351,7 +358,7 @@ class _MultipartParser:
                 return
             yield from self._part_data(self._buffer[:end])
             yield from self._close_part()
-            self._buffer = self._buffer[end + len(self._delimiter):]
+            self._buffer = self._buffer[end + len(self._delimiter) :]
             self._in_headers = True
 
     def finish(self) -> Iterator[ReplyEvent]:
@@ -383,7 +390,7 @@ class _MultipartParser:
     def _take_first_delimiter(self) -> bool:
         for opening in (self._delimiter, self._delimiter[2:]):  # tolerate RFC-style "--frame" at the very start
             if self._buffer.startswith(opening):
-                self._buffer = self._buffer[len(opening):]
+                self._buffer = self._buffer[len(opening) :]
                 self._in_headers = True
                 return True
             if opening.startswith(self._buffer):
@@ -404,7 +411,7 @@ class _MultipartParser:
         if not content_type:
             raise ReplyError(FailureKind.GARBAGE, "A part of the model server's reply has no content type.")
         self._kind = _part_kind(content_type)
-        self._buffer = self._buffer[end + 4:]
+        self._buffer = self._buffer[end + 4 :]
         self._in_headers = False
         return True
 

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-
 import omni_client
 from audio_files import TurnFiles, encode_mp3
 from history import TurnFigures, assistant_turn, user_turn

@@ -21,6 +21,7 @@ from omni_server.protocol import LISTENING_PREFIX, Health, HealthStatus
 
 log = logging.getLogger(__name__)
 
+
 class LaunchError(Exception):
     """The local model server could not be started or could not load; `message` is a plain sentence."""
 
@@ -44,8 +45,18 @@ class LocalServer:
         python: str = sys.executable,
         start_timeout_s: float = 30.0,
     ) -> None:
-        self._command = [python, "-m", "omni_server", "--host", "127.0.0.1", "--port", "0", "--engine", engine,
-                         "--stop-on-stdin-close"]
+        self._command = [
+            python,
+            "-m",
+            "omni_server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--engine",
+            engine,
+            "--stop-on-stdin-close",
+        ]
         if checkpoint_dir is not None:
             self._command += ["--checkpoint-dir", str(checkpoint_dir)]
         if device is not None:
@@ -105,8 +116,11 @@ class LocalServer:
                 return health
             if health.status is HealthStatus.ERROR:
                 raise LaunchError(f"The model server could not load its model: {health.detail}")
-            sentence = f"Starting the model server ({health.engine}: {health.detail})" if health.engine else \
-                "Starting the model server"
+            sentence = (
+                f"Starting the model server ({health.engine}: {health.detail})"
+                if health.engine
+                else "Starting the model server"
+            )
             if on_progress is not None and sentence != said:
                 on_progress(sentence)
             said = sentence
@@ -152,8 +166,13 @@ class LocalServer:
 
     def _launch(self) -> None:
         self._log.clear()
-        process = subprocess.Popen(self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent)
+        process = subprocess.Popen(
+            self._command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parent,
+        )
         self._process = process
         atexit.register(self.stop)
         bound: queue.Queue[str] = queue.Queue()
@@ -176,7 +195,7 @@ class LocalServer:
             line = raw.decode("utf-8", "replace").rstrip()
             self._log.append(line)
             if line.startswith(LISTENING_PREFIX):
-                bound.put(line[len(LISTENING_PREFIX):].strip())
+                bound.put(line[len(LISTENING_PREFIX) :].strip())
             log.info("[omni_server] %s", line)
         bound.put("")
 

@@ -63,14 +63,26 @@ def is_verified(path: Path) -> bool:
 def fetch_from_pypi(dest: Path) -> None:
     """Download the pipecat-ai wheel (no dependencies) and take the model file out of it."""
     with tempfile.TemporaryDirectory() as folder:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-                   "--dest", folder, PYPI_REQUIREMENT]
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--quiet",
+            "--dest",
+            folder,
+            PYPI_REQUIREMENT,
+        ]
         try:
             subprocess.run(command, check=True, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S)
         except subprocess.CalledProcessError as error:
-            raise WeightsUnavailable(f"pip could not download {PYPI_REQUIREMENT}: {error.stderr.strip()[-300:]}")
-        except subprocess.TimeoutExpired:
-            raise WeightsUnavailable(f"downloading {PYPI_REQUIREMENT} took over {_PIP_TIMEOUT_S} s")
+            raise WeightsUnavailable(
+                f"pip could not download {PYPI_REQUIREMENT}: {error.stderr.strip()[-300:]}"
+            ) from error
+        except subprocess.TimeoutExpired as error:
+            raise WeightsUnavailable(f"downloading {PYPI_REQUIREMENT} took over {_PIP_TIMEOUT_S} s") from error
         wheel = next(Path(folder).glob("*.whl"))
         with zipfile.ZipFile(wheel) as archive, archive.open(WHEEL_MEMBER) as member:
             _install(member, dest)
@@ -82,7 +94,7 @@ def fetch_from_hub(dest: Path) -> None:
     try:
         downloaded = hf_hub_download(HUB_REPO, SMART_TURN_FILE, revision=HUB_REVISION)
     except Exception as error:  # the hub client raises many kinds (offline, HTTP, missing file)
-        raise WeightsUnavailable(f"the Hugging Face Hub did not serve {HUB_REPO}/{SMART_TURN_FILE}: {error}")
+        raise WeightsUnavailable(f"the Hugging Face Hub did not serve {HUB_REPO}/{SMART_TURN_FILE}: {error}") from error
     with open(downloaded, "rb") as file:
         _install(file, dest)
 
@@ -118,7 +130,9 @@ def ensure(dest: Path, sources: tuple[str, ...] = SOURCES) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dest", type=Path, default=None, help=f"where to put it (default {default_path()})")
-    parser.add_argument("--source", choices=SOURCES, action="append", help="where to fetch from (default: pypi, then hub)")
+    parser.add_argument(
+        "--source", choices=SOURCES, action="append", help="where to fetch from (default: pypi, then hub)"
+    )
     args = parser.parse_args()
     try:
         path = ensure(args.dest or default_path(), tuple(args.source or SOURCES))

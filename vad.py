@@ -1,11 +1,11 @@
 """Streaming pause detection: decide when the user has finished a spoken turn.
 
-One `PauseDetector` per session is fed the browser's microphone chunks as they come, `(sample_rate, ndarray)`
-(the live page sends 32 ms frames at 16 kHz; any rate and length work). Each chunk is mixed to mono, resampled to 16 kHz by soxr (a streaming resampler, so
-chunk boundaries are seamless), and cut into 512-sample windows that the silero-vad model scores once each,
-with its recurrent state carried across chunks. A small state machine with hysteresis turns the window scores
-into a turn: speech starts after `start_secs` of speech, and the turn ends at a pause that follows speech (or
-at `max_utterance_secs`). Silence before the user starts never ends a turn.
+One `PauseDetector` per session is fed the browser's microphone chunks as they come, `(sample_rate, ndarray)` (the
+live page sends 32 ms frames at 16 kHz; any rate and length work). Each chunk is mixed to mono, resampled to 16 kHz
+by soxr (a streaming resampler, so chunk boundaries are seamless), and cut into 512-sample windows that the
+silero-vad model scores once each, with its recurrent state carried across chunks. A small state machine with
+hysteresis turns the window scores into a turn: speech starts after `start_secs` of speech, and the turn ends at a
+pause that follows speech (or at `max_utterance_secs`). Silence before the user starts never ends a turn.
 
 Which pause ends the turn: with `semantic` on (the default) and an end-of-turn model at hand (end_of_turn.py),
 the model is asked once the pause reaches `check_secs` (and again at `recheck_secs`); the turn ends as soon as it
@@ -27,9 +27,10 @@ import functools
 import importlib.util
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import onnxruntime
@@ -105,12 +106,16 @@ class VadOptions:
                 raise ValueError(f"{name} must be zero or more, got {getattr(self, name)!r}")
         shortest_end = min(self.pause_secs, self.check_secs) if self.semantic else self.pause_secs
         if self.tail_secs > shortest_end:
-            raise ValueError(f"tail_secs ({self.tail_secs}) cannot exceed the shortest pause that ends a turn "
-                             f"({shortest_end}: pause_secs, or check_secs with semantic on)")
+            raise ValueError(
+                f"tail_secs ({self.tail_secs}) cannot exceed the shortest pause that ends a turn "
+                f"({shortest_end}: pause_secs, or check_secs with semantic on)"
+            )
         checks = (self.check_secs, *self.recheck_secs)
         if list(checks) != sorted(checks) or not checks[-1] < self.fallback_secs:
-            raise ValueError("need check_secs <= recheck_secs (ascending) < fallback_secs, got "
-                             f"{self.check_secs}, {self.recheck_secs} and {self.fallback_secs}")
+            raise ValueError(
+                "need check_secs <= recheck_secs (ascending) < fallback_secs, got "
+                f"{self.check_secs}, {self.recheck_secs} and {self.fallback_secs}"
+            )
         if not 0 < self.completion_threshold < 1:
             raise ValueError(f"completion_threshold must be between 0 and 1, got {self.completion_threshold!r}")
         if not 0 < self.off_threshold <= self.threshold <= self.barge_in_threshold < 1:
@@ -206,7 +211,9 @@ class SpeechScorer:
         for index in range(count):
             window = samples[index * WINDOW_SAMPLES : (index + 1) * WINDOW_SAMPLES]
             model_input = np.concatenate([self._context, window])[None]
-            output, self._state = self._session.run(None, {"input": model_input, "state": self._state, "sr": self._RATE})
+            output, self._state = self._session.run(
+                None, {"input": model_input, "state": self._state, "sr": self._RATE}
+            )
             probabilities[index] = output[0, 0]
             self._context = window[-_CONTEXT_SAMPLES:].copy()
         return probabilities
@@ -323,8 +330,9 @@ class _TurnTracker:
     `check_due` is set and the caller answers with `judged`. `resumable`: the previous turn, which this one
     continues if its speech starts in time."""
 
-    def __init__(self, options: VadOptions, over_reply: bool = False, semantic: bool = False,
-                 resumable: _Resumable | None = None) -> None:
+    def __init__(
+        self, options: VadOptions, over_reply: bool = False, semantic: bool = False, resumable: _Resumable | None = None
+    ) -> None:
         self._options = options
         self._resumable = resumable
         self.continues = False
@@ -529,8 +537,11 @@ class PauseDetector:
         start, speech_end, stop = tracker.utterance_span()
         assert tracker.reason is not None
         # A turn the model ended may be continued; not one that is already half of mini-omni's 30 s limit.
-        resumable = (tracker.reason is TurnEndReason.COMPLETE and self.options.resume_secs > 0
-                     and stop - start < tracker.max_samples // 2)
+        resumable = (
+            tracker.reason is TurnEndReason.COMPLETE
+            and self.options.resume_secs > 0
+            and stop - start < tracker.max_samples // 2
+        )
         self._resumable = _Resumable(start, self._scored + _windows(self.options.resume_secs)) if resumable else None
         return Utterance(
             audio=self._buffer.get(start, stop),

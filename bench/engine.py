@@ -104,8 +104,13 @@ def measure(checkpoint: Path, device: str, dtype: str, steps: int, requests: int
         "median": {
             key: statistics.median(r[key] for r in replies)
             for key in (
-                "first_pcm_s", "whisper_encode_ms", "prefill_ms", "ms_per_decode_step",
-                "model_only_ms_per_decode_step", "snac_ms_per_step", "real_time_factor",
+                "first_pcm_s",
+                "whisper_encode_ms",
+                "prefill_ms",
+                "ms_per_decode_step",
+                "model_only_ms_per_decode_step",
+                "snac_ms_per_step",
+                "real_time_factor",
             )
         },  # fmt: skip
     }

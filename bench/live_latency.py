@@ -43,8 +43,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,10 +59,16 @@ from tests.speech import join, silence, speak, trim, write_wav  # noqa: E402
 
 RATE = 16_000
 OUTPUT = ROOT / "test-output" / "bench"
-QUESTIONS = ["What is the capital of France?", "And how many people live there?", "Is it a good place to visit?",
-             "What should I see first?"]
-LONG_QUESTION = ("The quick brown fox jumps over the lazy dog while the sun sets slowly behind the distant hills "
-                 "and the birds sing their evening songs across the quiet valley.")
+QUESTIONS = [
+    "What is the capital of France?",
+    "And how many people live there?",
+    "Is it a good place to visit?",
+    "What should I see first?",
+]
+LONG_QUESTION = (
+    "The quick brown fox jumps over the lazy dog while the sun sets slowly behind the distant hills "
+    "and the birds sing their evening songs across the quiet valley."
+)
 
 
 class Script:
@@ -96,8 +102,10 @@ def silent_leads(since: float) -> dict[int, float]:
     # The old path kept its files in <tmp>/omni-voice-chat/; the live app keeps them in its own
     # <tmp>/omni-voice-chat-*/ folder (removed when it exits, so read while it runs).
     temporary = Path(tempfile.gettempdir())
-    for path in [*temporary.glob("omni-voice-chat/*/turn-*-user.wav"),
-                 *temporary.glob("omni-voice-chat-*/tabs/*/turn-*-user.wav")]:
+    for path in [
+        *temporary.glob("omni-voice-chat/*/turn-*-user.wav"),
+        *temporary.glob("omni-voice-chat-*/tabs/*/turn-*-user.wav"),
+    ]:
         if path.stat().st_mtime >= since:
             with wave.open(str(path)) as reader:
                 samples = np.frombuffer(reader.readframes(reader.getnframes()), dtype="<i2")
@@ -141,11 +149,16 @@ def turns(app: harness.RunningApp, pulse: PulseAudio, old: bool) -> dict:
             row = {"speech_end_to_sound_s": None if sound is None or sound > room + until else sound - (room + end)}
             if not old and sound is not None:
                 decided = next(e["at"] for e in harness.live_events(page, "turn-end") if e["turn"] == number)
-                engine = next(e["engineFirstAudio"] for e in harness.live_events(page, "reply-end")
-                              if e["turn"] == number)
+                engine = next(
+                    e["engineFirstAudio"] for e in harness.live_events(page, "reply-end") if e["turn"] == number
+                )
                 browser = next(e["sounding"] for e in harness.live_events(page, "sounding") if e["turn"] == number)
-                row |= {"decision_after_speech_end_s": decided - (room + end), "engine_first_audio_s": engine,
-                        "app_share_s": sound - decided - engine, "browser_estimate_error_s": browser - sound}
+                row |= {
+                    "decision_after_speech_end_s": decided - (room + end),
+                    "engine_first_audio_s": engine,
+                    "app_share_s": sound - decided - engine,
+                    "browser_estimate_error_s": browser - sound,
+                }
             rows.append(row)
         leads = silent_leads(started)
     for number, row in enumerate(rows, start=1):
@@ -158,11 +171,14 @@ def turns(app: harness.RunningApp, pulse: PulseAudio, old: bool) -> dict:
     rows = [{key: None if value is None else round(value, 3) for key, value in row.items()} for row in rows]
     heard = [row["speech_end_to_sound_s"] for row in rows if row["speech_end_to_sound_s"] is not None]
     starts = [row["speech_end_to_reply_start_s"] for row in rows if row.get("speech_end_to_reply_start_s") is not None]
-    summary = {"turns": rows, "heard": f"{len(heard)} of {len(rows)}",
-               "median_s": round(statistics.median(heard), 3) if heard else None,
-               "worst_s": max(heard) if heard else None,
-               "reply_start_median_s": round(statistics.median(starts), 3) if starts else None,
-               "reply_start_worst_s": max(starts) if starts else None}
+    summary = {
+        "turns": rows,
+        "heard": f"{len(heard)} of {len(rows)}",
+        "median_s": round(statistics.median(heard), 3) if heard else None,
+        "worst_s": max(heard) if heard else None,
+        "reply_start_median_s": round(statistics.median(starts), 3) if starts else None,
+        "reply_start_worst_s": max(starts) if starts else None,
+    }
     if not old:
         summary["app_share_median_s"] = round(statistics.median(row["app_share_s"] for row in rows), 3)
     return summary
@@ -176,8 +192,12 @@ def barge_in(app: harness.RunningApp, pulse: PulseAudio) -> dict:
     with _page(app, wav, pulse) as page, recording(pulse) as capture:
         _mic_on(page, old=False)
         room = harness.mic_opened_at(page)
-        harness.wait_for(page, "window.omniLive.state.events.some(e => e.type === 'played' && e.turn === 2)",
-                         script.length_s + 25, "the interrupting question's reply")
+        harness.wait_for(
+            page,
+            "window.omniLive.state.events.some(e => e.type === 'played' && e.turn === 2)",
+            script.length_s + 25,
+            "the interrupting question's reply",
+        )
         cut_at = room + script.spans["interruption"][0]
         silent = capture.sound_stopped_after(cut_at, quiet_s=0.3)
         flushes = harness.live_events(page, "flush")
@@ -207,14 +227,19 @@ def gaps(app: harness.RunningApp, pulse: PulseAudio, old: bool, wait_s: float = 
         else:  # the player says when it has played the reply
             end = next((e["at"] for e in harness.live_events(page, "played")), None)
         found = capture.gaps(start + 0.05, (end or time.time()) - 0.1, threshold_db=-50.0, min_gap_s=0.02)
-        result = {"reply_s": round(script.spans["question"][1] - script.spans["question"][0], 2),
-                  "heard_s": None if end is None else round(end - start, 2), "gaps_over_20ms": len(found),
-                  "longest_gap_ms": round(1000 * max((b - a for a, b in found), default=0.0), 1),
-                  "silent_in_gaps_s": round(sum(b - a for a, b in found), 2)}
+        result = {
+            "reply_s": round(script.spans["question"][1] - script.spans["question"][0], 2),
+            "heard_s": None if end is None else round(end - start, 2),
+            "gaps_over_20ms": len(found),
+            "longest_gap_ms": round(1000 * max((b - a for a, b in found), default=0.0), 1),
+            "silent_in_gaps_s": round(sum(b - a for a, b in found), 2),
+        }
         if not old:
             first_audio = harness.live_events(page, "first-audio")[0]["at"]
-            result |= {"stalls": len(harness.live_events(page, "stalled")),
-                       "first_audio_to_sound_s": round(start - first_audio, 3)}
+            result |= {
+                "stalls": len(harness.live_events(page, "stalled")),
+                "first_audio_to_sound_s": round(start - first_audio, 3),
+            }
     return result
 
 
@@ -223,8 +248,10 @@ def slow_model(pulse: PulseAudio, real_time_factor: float) -> dict:
     from omni_server.echo import EchoEngine
     from tests.servers import serving_engine
 
-    with serving_engine(EchoEngine(real_time_factor=real_time_factor)) as server, \
-            harness.running_app(OUTPUT / "slow-app.log", "--server-url", server) as app:
+    with (
+        serving_engine(EchoEngine(real_time_factor=real_time_factor)) as server,
+        harness.running_app(OUTPUT / "slow-app.log", "--server-url", server) as app,
+    ):
         return {"real_time_factor": real_time_factor} | gaps(app, pulse, old=False, wait_s=20.0)
 
 
@@ -245,13 +272,22 @@ def tabs(app: harness.RunningApp, pulse: PulseAudio, count: int) -> dict:
             harness.wait_for(page, "window.omniLive.state.events.some(e => e.type === 'played')", 60, "a reply")
             played = harness.live_events(page, "played")
             turns = harness.live_events(page, "turn-end")
-            rows.append({"question_s": round(spoken, 2), "utterances_s": [round(e["utterance"], 2) for e in turns],
-                         "played": [(round(e["samples"] / 24_000, 2), e["complete"]) for e in played]})
+            rows.append(
+                {
+                    "question_s": round(spoken, 2),
+                    "utterances_s": [round(e["utterance"], 2) for e in turns],
+                    "played": [(round(e["samples"] / 24_000, 2), e["complete"]) for e in played],
+                }
+            )
     # The echo engine answers with the utterance the app heard, so a tab hears its own reply when what it
     # played is as long as its own utterance (which is shorter than the question where 4 browsers on 2 cores
     # made Chromium drop microphone audio).
-    own = all(len(row["played"]) == len(row["utterances_s"]) == 1 and row["played"][0][1]
-              and abs(row["played"][0][0] - row["utterances_s"][0]) < 0.05 for row in rows)
+    own = all(
+        len(row["played"]) == len(row["utterances_s"]) == 1
+        and row["played"][0][1]
+        and abs(row["played"][0][0] - row["utterances_s"][0]) < 0.05
+        for row in rows
+    )
     return {"tabs": rows, "each_heard_only_its_own_reply": own}
 
 
@@ -273,17 +309,20 @@ def cpu(app: harness.RunningApp, pulse: PulseAudio, old: bool, seconds: float, l
         before = cpu_seconds(app.pid)
         time.sleep(seconds)
         busy = (cpu_seconds(app.pid) - before) / seconds
-    return {"idle_pages_percent": round(100 * idle, 2), "listening_percent": round(100 * busy, 2),
-            "per_listening_tab_percent": round(100 * (busy - idle) / listening_tabs, 2)}
+    return {
+        "idle_pages_percent": round(100 * idle, 2),
+        "listening_percent": round(100 * busy, 2),
+        "per_listening_tab_percent": round(100 * (busy - idle) / listening_tabs, 2),
+    }
 
 
 def hear_cpu(audio_s: float) -> dict:
     """The app's CPU for one listening tab's microphone, without a browser or socket: 32 ms frames of room
     noise through LiveLink.hear (detector, state), timed with the process clock."""
+    import live_protocol as wire
     from app import Handlers, Session
     from audio_files import TurnFiles
     from backend import Backend
-    import live_protocol as wire
 
     session = Session(files=TurnFiles(Path(tempfile.mkdtemp())))
     link = Handlers(Backend(server_url="http://127.0.0.1:9")).open_link(session, lambda message: None)
@@ -299,13 +338,15 @@ def hear_cpu(audio_s: float) -> dict:
 @contextmanager
 def old_checkout(commit: str) -> Iterator[Path]:
     folder = Path(tempfile.mkdtemp(prefix="omni-old-"))
-    subprocess.run(["git", "worktree", "add", "--detach", str(folder), commit], cwd=ROOT, check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["git", "worktree", "add", "--detach", str(folder), commit], cwd=ROOT, check=True, capture_output=True
+    )
     try:
         yield folder
     finally:
-        subprocess.run(["git", "worktree", "remove", "--force", str(folder)], cwd=ROOT, check=False,
-                       capture_output=True)
+        subprocess.run(
+            ["git", "worktree", "remove", "--force", str(folder)], cwd=ROOT, check=False, capture_output=True
+        )
 
 
 def main() -> None:
@@ -314,24 +355,36 @@ def main() -> None:
     parser.add_argument("--cpu-seconds", type=float, default=15.0)
     parser.add_argument("--skip-old", action="store_true", help="measure the live path only")
     parser.add_argument("--barge-in-runs", type=int, default=3)
-    parser.add_argument("--skip-silence-only", action="store_true",
-                        help="skip the live path's turns with the end-of-turn model missing (silence alone)")
+    parser.add_argument(
+        "--skip-silence-only",
+        action="store_true",
+        help="skip the live path's turns with the end-of-turn model missing (silence alone)",
+    )
     args = parser.parse_args()
     OUTPUT.mkdir(parents=True, exist_ok=True)
     os.environ[turn_weights.DOWNLOAD_VARIABLE] = "0"  # the apps use the model where it was fetched, or none
-    result: dict = {"turn_model": str(turn_weights.default_path()) if turn_weights.is_verified(
-        turn_weights.default_path()) else None}
+    result: dict = {
+        "turn_model": str(turn_weights.default_path())
+        if turn_weights.is_verified(turn_weights.default_path())
+        else None
+    }
     with private_pulse() as pulse:
         with harness.running_app(OUTPUT / "live-app.log") as app:
             cut_ins = [barge_in(app, pulse) for _ in range(args.barge_in_runs)]
             stops = [run["cut_in_to_silence_s"] for run in cut_ins if run["cut_in_to_silence_s"] is not None]
-            live = {"turns": turns(app, pulse, old=False),
-                    "barge_in": {"runs": cut_ins, "cut_in_to_silence_median_s": statistics.median(stops) if stops else None},
-                    "gaps": gaps(app, pulse, old=False), "tabs": tabs(app, pulse, 4),
-                    "slow_model": slow_model(pulse, 1.34),
-                    "cpu_hear_in_process": hear_cpu(30.0),
-                    "cpu_1_tab": cpu(app, pulse, False, args.cpu_seconds, 1),
-                    "cpu_4_tabs": cpu(app, pulse, False, args.cpu_seconds, 4)}
+            live = {
+                "turns": turns(app, pulse, old=False),
+                "barge_in": {
+                    "runs": cut_ins,
+                    "cut_in_to_silence_median_s": statistics.median(stops) if stops else None,
+                },
+                "gaps": gaps(app, pulse, old=False),
+                "tabs": tabs(app, pulse, 4),
+                "slow_model": slow_model(pulse, 1.34),
+                "cpu_hear_in_process": hear_cpu(30.0),
+                "cpu_1_tab": cpu(app, pulse, False, args.cpu_seconds, 1),
+                "cpu_4_tabs": cpu(app, pulse, False, args.cpu_seconds, 4),
+            }
         result["live"] = live
         print(json.dumps({"live": live}), flush=True)
         if not args.skip_silence_only:
@@ -339,15 +392,22 @@ def main() -> None:
             with harness.running_app(OUTPUT / "silence-app.log", "--turn-model", str(missing)) as app:
                 result["live_silence_only"] = {"turns": turns(app, pulse, old=False)}
             result["speech_end_to_sound_median_ratio_model_over_silence"] = round(
-                live["turns"]["median_s"] / result["live_silence_only"]["turns"]["median_s"], 3)
+                live["turns"]["median_s"] / result["live_silence_only"]["turns"]["median_s"], 3
+            )
         if not args.skip_old:
-            with old_checkout(args.old_commit) as folder, \
-                    harness.running_app(OUTPUT / "old-app.log", app_dir=folder) as app:
-                result["old"] = {"turns": turns(app, pulse, old=True), "gaps": gaps(app, pulse, old=True),
-                                 "cpu_1_tab": cpu(app, pulse, True, args.cpu_seconds, 1),
-                                 "barge_in": "not possible: the microphone is off while a reply plays"}
+            with (
+                old_checkout(args.old_commit) as folder,
+                harness.running_app(OUTPUT / "old-app.log", app_dir=folder) as app,
+            ):
+                result["old"] = {
+                    "turns": turns(app, pulse, old=True),
+                    "gaps": gaps(app, pulse, old=True),
+                    "cpu_1_tab": cpu(app, pulse, True, args.cpu_seconds, 1),
+                    "barge_in": "not possible: the microphone is off while a reply plays",
+                }
             result["speech_end_to_sound_median_ratio_live_over_old"] = round(
-                live["turns"]["median_s"] / result["old"]["turns"]["median_s"], 3)
+                live["turns"]["median_s"] / result["old"]["turns"]["median_s"], 3
+            )
     print(json.dumps(result))
 
 

@@ -90,7 +90,10 @@ CASES = (
     CaseSpec(
         "quiet",
         "New York voice at -26 dB (a quiet speaker far from the microphone), two turns",
-        (("Is it going to rain this evening?",), ("Then I will take the bus", "instead of walking home."),),
+        (
+            ("Is it going to rain this evening?",),
+            ("Then I will take the bus", "instead of walking home."),
+        ),
         voice="en-us-nyc",
         speech_gain=0.05,
     ),
@@ -105,7 +108,10 @@ CASES = (
     CaseSpec(
         "clicks",
         "Scottish voice, key clicks (5 per second) in the 3 s lead and between the turns",
-        (("How do I reset my password?",), ("I tried the link in the email", "but it has expired."),),
+        (
+            ("How do I reset my password?",),
+            ("I tried the link in the email", "but it has expired."),
+        ),
         voice="en-gb-scotland",
         lead_secs=3.0,
         gap_secs=3.0,
@@ -175,7 +181,9 @@ def render(spec: CaseSpec, seed: int) -> tuple[np.ndarray, list[dict[str, float]
     if spec.hum:
         t = np.arange(len(speech)) / RATE
         rumble = np.convolve(rng.normal(0, 0.05, len(speech)), np.ones(40) / 40, mode="same")
-        background += (0.02 * np.sin(2 * np.pi * 50 * t) + 0.01 * np.sin(2 * np.pi * 150 * t) + rumble).astype(np.float32)
+        background += (0.02 * np.sin(2 * np.pi * 50 * t) + 0.01 * np.sin(2 * np.pi * 150 * t) + rumble).astype(
+            np.float32
+        )
     quiet_starts = _quiet_stretches(speech_mask)
     if spec.clicks_per_sec:
         for start, stop in quiet_starts:

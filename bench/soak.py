@@ -79,9 +79,13 @@ def bad_uploads(folder: Path) -> list[Path]:
     script.write_bytes(b"ffconcat version 1.0\nfile 'question.wav'\n")
     nan_wav = folder / "nan.wav"
     nan_wav.write_bytes(float_wav(np.full(16_000, np.nan, np.float32)))
-    return [write_wav(folder / "one-hertz.wav", np.zeros(30_000, np.float32), rate=1),
-            write_wav(folder / "ten-minutes.wav", np.zeros(600 * 8_000, np.float32), rate=8_000),
-            script, text, nan_wav]
+    return [
+        write_wav(folder / "one-hertz.wav", np.zeros(30_000, np.float32), rate=1),
+        write_wav(folder / "ten-minutes.wav", np.zeros(600 * 8_000, np.float32), rate=8_000),
+        script,
+        text,
+        nan_wav,
+    ]
 
 
 class Tally:
@@ -97,8 +101,9 @@ class Tally:
                 self.lost_examples.append(detail[:200])
 
 
-def client_turns(url: str, turns: int, bad_at: set[int], question: Path, bads: list[Path], tally: Tally,
-                 downloads: Path) -> None:
+def client_turns(
+    url: str, turns: int, bad_at: set[int], question: Path, bads: list[Path], tally: Tally, downloads: Path
+) -> None:
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
 
@@ -158,7 +163,10 @@ def main() -> None:
     os.environ["TMPDIR"] = str(tmp)  # the app's own folder goes here, to count what it leaves
     os.environ["OMNI_TURN_MODEL_DOWNLOAD"] = "0"
     os.environ["OMNI_FILE_TTL_S"] = "60"
-    question = write_wav(OUTPUT / "question.wav", np.concatenate([silence(0.2), trim(speak("What is the capital of France?")), silence(0.2)]))
+    question = write_wav(
+        OUTPUT / "question.wav",
+        np.concatenate([silence(0.2), trim(speak("What is the capital of France?")), silence(0.2)]),
+    )
     bads = bad_uploads(OUTPUT / "bad")
     rng = random.Random(1)
     all_turns = [(client, number) for client in range(args.clients) for number in range(args.turns)]
@@ -168,19 +176,35 @@ def main() -> None:
     with harness.running_app(OUTPUT / "app.log") as app:
         # Warm-up: a few questions and each kind of bad upload once, so the baseline holds what any first use
         # of those paths allocates (pools, caches), and the growth after it is what repetition costs.
-        warm = threading.Thread(target=client_turns, args=(
-            app.url, 3 + len(bads), set(range(3, 3 + len(bads))), question, bads, Tally(), tmp / "warm"))
+        warm = threading.Thread(
+            target=client_turns,
+            args=(app.url, 3 + len(bads), set(range(3, 3 + len(bads))), question, bads, Tally(), tmp / "warm"),
+        )
         warm.start()
         warm.join()
         app_rss = {"after_warmup": rss_mb(app.pid)}
         spid = server_pid(app.pid)
         server_rss = {"after_warmup": rss_mb(spid) if spid else None}
         done = threading.Event()
-        faulting = threading.Thread(target=faults, args=(app.pid, args.kills, args.freezes, args.expected_s, done, fault_log))
+        faulting = threading.Thread(
+            target=faults, args=(app.pid, args.kills, args.freezes, args.expected_s, done, fault_log)
+        )
         faulting.start()
-        clients = [threading.Thread(target=client_turns, args=(
-            app.url, args.turns, {n for c, n in bad_set if c == client}, question, bads, tally, tmp / f"client-{client}"))
-            for client in range(args.clients)]
+        clients = [
+            threading.Thread(
+                target=client_turns,
+                args=(
+                    app.url,
+                    args.turns,
+                    {n for c, n in bad_set if c == client},
+                    question,
+                    bads,
+                    tally,
+                    tmp / f"client-{client}",
+                ),
+            )
+            for client in range(args.clients)
+        ]
         for thread in clients:
             thread.start()
         for thread in clients:
@@ -199,10 +223,17 @@ def main() -> None:
         if figures["after_warmup"] is not None and figures["end"] is not None:
             figures["growth"] = round(figures["end"] - figures["after_warmup"], 1)
     result = {
-        "turns": len(all_turns), "answered": tally.answered, "failed_with_sentence": tally.failed_with_sentence,
-        "lost": tally.lost, "lost_examples": tally.lost_examples, "bad_uploads": len(bad_set),
-        "bad_uploads_refused": tally.bad_refused, "app_rss_mb": app_rss, "server_rss_mb": server_rss,
-        "faults": fault_log, "files_left_while_running": files_left,
+        "turns": len(all_turns),
+        "answered": tally.answered,
+        "failed_with_sentence": tally.failed_with_sentence,
+        "lost": tally.lost,
+        "lost_examples": tally.lost_examples,
+        "bad_uploads": len(bad_set),
+        "bad_uploads_refused": tally.bad_refused,
+        "app_rss_mb": app_rss,
+        "server_rss_mb": server_rss,
+        "faults": fault_log,
+        "files_left_while_running": files_left,
         "files_left_after_exit": sum(1 for path in tmp.glob("omni-voice-chat-*/**/*") if path.is_file()),
         "wall_s": round(time.monotonic() - started, 1),
     }

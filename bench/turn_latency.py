@@ -70,7 +70,11 @@ def read_wav(path: Path) -> tuple[int, np.ndarray]:
         raw = wav.readframes(wav.getnframes())
     if width == 3:  # 24-bit: widen to int32, keeping the sign
         bytes3 = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3)
-        samples = (bytes3[:, 0].astype(np.int32) << 8 | bytes3[:, 1].astype(np.int32) << 16 | bytes3[:, 2].astype(np.int32) << 24)
+        samples = (
+            bytes3[:, 0].astype(np.int32) << 8
+            | bytes3[:, 1].astype(np.int32) << 16
+            | bytes3[:, 2].astype(np.int32) << 24
+        )
     else:
         samples = np.frombuffer(raw, dtype={1: np.uint8, 2: np.int16, 4: np.int32}[width])
     return rate, samples.reshape(-1, channels) if channels > 1 else samples
@@ -94,8 +98,9 @@ class Measured:
     model_ms: float  # wall time of those calls
 
 
-def measure(rate: int, samples: np.ndarray, chunk_secs: float, options: VadOptions,
-            completion: CompletionModel | None) -> Measured:
+def measure(
+    rate: int, samples: np.ndarray, chunk_secs: float, options: VadOptions, completion: CompletionModel | None
+) -> Measured:
     """The turns in a recording and what finding them cost (after warm_up)."""
     detector = PauseDetector(options, completion)
     started = time.process_time()
@@ -116,22 +121,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="turn_latency.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--wav", type=Path, required=True, help="PCM WAV file (8/16/24/32-bit, any rate 8-96 kHz, mono or stereo)")
-    parser.add_argument("--chunk-secs", type=float, default=APP_CHUNK_SECS,
-                        help=f"chunk length (default {APP_CHUNK_SECS}: the live page's frames)")
+    parser.add_argument(
+        "--wav", type=Path, required=True, help="PCM WAV file (8/16/24/32-bit, any rate 8-96 kHz, mono or stereo)"
+    )
+    parser.add_argument(
+        "--chunk-secs",
+        type=float,
+        default=APP_CHUNK_SECS,
+        help=f"chunk length (default {APP_CHUNK_SECS}: the live page's frames)",
+    )
     parser.add_argument("--no-semantic", action="store_true", help="end turns on silence alone (pause_secs)")
     defaults = VadOptions()
-    parser.add_argument("--recheck-secs", type=float, nargs="*", default=list(defaults.recheck_secs),
-                        help=f"silences at which the model is asked again (default {list(defaults.recheck_secs)})")
+    parser.add_argument(
+        "--recheck-secs",
+        type=float,
+        nargs="*",
+        default=list(defaults.recheck_secs),
+        help=f"silences at which the model is asked again (default {list(defaults.recheck_secs)})",
+    )
     for name, help_text in _OPTION_HELP.items():
-        parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name),
-                            help=f"{help_text} (default {getattr(defaults, name)})")
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            type=float,
+            default=getattr(defaults, name),
+            help=f"{help_text} (default {getattr(defaults, name)})",
+        )
     return parser.parse_args(argv)
 
 
 def options_from(args: argparse.Namespace) -> VadOptions:
-    return VadOptions(**{name: getattr(args, name) for name in _OPTION_HELP}, semantic=not args.no_semantic,
-                      recheck_secs=tuple(args.recheck_secs))
+    return VadOptions(
+        **{name: getattr(args, name) for name in _OPTION_HELP},
+        semantic=not args.no_semantic,
+        recheck_secs=tuple(args.recheck_secs),
+    )
 
 
 def main() -> None:

@@ -40,9 +40,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import silero_vad  # noqa: E402
+from turn_latency import APP_CHUNK_SECS, measure  # noqa: E402  (bench/ is on sys.path: it is this script's folder)
 
 from tests.speech import RATE, join, silence, speak, to_int16, trim  # noqa: E402
-from turn_latency import APP_CHUNK_SECS, measure  # noqa: E402  (bench/ is on sys.path: it is this script's folder)
 from vad import PauseDetector, VadOptions  # noqa: E402
 
 LENGTHS = (5, 30, 120)
@@ -155,7 +155,10 @@ def main() -> None:
     whole_buffer = {str(s): round(whole_buffer_ms_per_s(audio[s], strides[str(s)]), 3) for s in LENGTHS}
     for seconds in LENGTHS:
         print(f"{seconds:>4} s: detector {detector[str(seconds)]} ms/s, whole buffer {whole_buffer[str(seconds)]} ms/s")
-    print(f"stock silero, window by window: {stock:.3f} ms/s; the detector on the page's 32 ms frames: {page_frames:.3f} ms/s")
+    print(
+        f"stock silero, window by window: {stock:.3f} ms/s; "
+        f"the detector on the page's 32 ms frames: {page_frames:.3f} ms/s"
+    )
     print(
         json.dumps(
             {

@@ -91,30 +91,55 @@ def score_case(truth: list[dict[str, float]], found: list[RecordedTurn], tail_se
 
 
 def settings(args: argparse.Namespace) -> list[tuple[str, VadOptions]]:
-    silence_only = [(f"silence {pause}", VadOptions(semantic=False, pause_secs=pause,
-                                                    tail_secs=min(VadOptions().tail_secs, pause)))
-                    for pause in args.pause_secs]
-    semantic = [(f"model {threshold} / {fallback} / {resume}",
-                 VadOptions(completion_threshold=threshold, fallback_secs=fallback, resume_secs=resume,
-                            recheck_secs=tuple(args.recheck_secs)))
-                for threshold in args.thresholds for fallback in args.fallback_secs for resume in args.resume_secs]
+    silence_only = [
+        (f"silence {pause}", VadOptions(semantic=False, pause_secs=pause, tail_secs=min(VadOptions().tail_secs, pause)))
+        for pause in args.pause_secs
+    ]
+    semantic = [
+        (
+            f"model {threshold} / {fallback} / {resume}",
+            VadOptions(
+                completion_threshold=threshold,
+                fallback_secs=fallback,
+                resume_secs=resume,
+                recheck_secs=tuple(args.recheck_secs),
+            ),
+        )
+        for threshold in args.thresholds
+        for fallback in args.fallback_secs
+        for resume in args.resume_secs
+    ]
     return silence_only + semantic
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", type=Path, nargs="+", default=[DEFAULT_OUT / "cases.json", REAL_OUT / "cases.json"],
-                        help="manifests of the cases (default: espeak's, made if missing, and the real speech's, "
-                             "fetched if missing)")
+    parser.add_argument(
+        "--cases",
+        type=Path,
+        nargs="+",
+        default=[DEFAULT_OUT / "cases.json", REAL_OUT / "cases.json"],
+        help="manifests of the cases (default: espeak's, made if missing, and the real speech's, fetched if missing)",
+    )
     parser.add_argument("--pause-secs", type=float, nargs="+", default=[0.5, 0.6, 0.8])
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.7, 0.9])
     parser.add_argument("--fallback-secs", type=float, nargs="+", default=[1.5, 2.0])
     parser.add_argument("--recheck-secs", type=float, nargs="*", default=list(VadOptions().recheck_secs))
-    parser.add_argument("--resume-secs", type=float, nargs="+", default=[0.0, VadOptions().resume_secs],
-                        help="each model setting with each (0: a turn the model ended is never continued)")
+    parser.add_argument(
+        "--resume-secs",
+        type=float,
+        nargs="+",
+        default=[0.0, VadOptions().resume_secs],
+        help="each model setting with each (0: a turn the model ended is never continued)",
+    )
     parser.add_argument("--chunk-secs", type=float, default=APP_CHUNK_SECS)
-    parser.add_argument("--offsets", type=float, nargs="+", default=[0.0, 0.1],
-                        help="seconds of extra leading silence; each case runs once per offset")
+    parser.add_argument(
+        "--offsets",
+        type=float,
+        nargs="+",
+        default=[0.0, 0.1],
+        help="seconds of extra leading silence; each case runs once per offset",
+    )
     parser.add_argument("--details", action="store_true", help="also print each case's turns per setting")
     args = parser.parse_args()
     cases, audio = [], {}
@@ -128,8 +153,10 @@ def main() -> None:
     warm_up(completion)
 
     grid = []
-    print(f"{'setting':>22} {'turns':>5} {'missed':>6} {'cut':>4} {'resumed':>7} {'extra':>5} {'merged':>6} {'onset':>5} "
-          f"{'median':>6} {'worst':>6} {'calls/turn':>10} {'ms/call':>7} {'cpu ms/turn':>11}")
+    print(
+        f"{'setting':>22} {'turns':>5} {'missed':>6} {'cut':>4} {'resumed':>7} {'extra':>5} {'merged':>6} {'onset':>5} "
+        f"{'median':>6} {'worst':>6} {'calls/turn':>10} {'ms/call':>7} {'cpu ms/turn':>11}"
+    )
     for label, options in settings(args):
         total, delays, cpu_ms, calls, model_ms, audio_s = Score(), [], 0.0, 0, 0.0, 0.0
         for case in cases:
@@ -146,8 +173,10 @@ def main() -> None:
                 calls += measured.model_calls
                 model_ms += measured.model_ms
                 if args.details:
-                    spans = ", ".join(f"{t.speech_start_s:.2f}-{t.speech_end_s:.2f}@{t.turn_end_s:.2f}"
-                                      f"({t.utterance.reason.value})" for t in measured.turns)
+                    spans = ", ".join(
+                        f"{t.speech_start_s:.2f}-{t.speech_end_s:.2f}@{t.turn_end_s:.2f}({t.utterance.reason.value})"
+                        for t in measured.turns
+                    )
                     print(f"    {case['name']} +{offset}s: {score} found [{spans}]")
         row = {
             "setting": label,
@@ -165,11 +194,22 @@ def main() -> None:
             "cpu_ms_per_audio_s": round(cpu_ms / audio_s, 1),
         }
         grid.append(row)
-        print(f"{label:>22} {total.turns:>5} {total.missed:>6} {total.cut_offs:>4} {total.resumed:>7} {total.extra:>5} {total.merged:>6} "
-              f"{total.onset_lost:>5} {row['median_delay_s']!s:>6} {row['worst_delay_s']!s:>6} "
-              f"{row['model_calls_per_turn']:>10} {row['model_ms_per_call']!s:>7} {row['cpu_ms_per_turn']:>11}")
-    print(json.dumps({"cases": [case["name"] for case in cases], "offsets_s": args.offsets,
-                      "chunk_secs": args.chunk_secs, "grid": grid}))
+        print(
+            f"{label:>22} {total.turns:>5} {total.missed:>6} {total.cut_offs:>4} {total.resumed:>7} {total.extra:>5} "
+            f"{total.merged:>6} "
+            f"{total.onset_lost:>5} {row['median_delay_s']!s:>6} {row['worst_delay_s']!s:>6} "
+            f"{row['model_calls_per_turn']:>10} {row['model_ms_per_call']!s:>7} {row['cpu_ms_per_turn']:>11}"
+        )
+    print(
+        json.dumps(
+            {
+                "cases": [case["name"] for case in cases],
+                "offsets_s": args.offsets,
+                "chunk_secs": args.chunk_secs,
+                "grid": grid,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -71,13 +71,26 @@ def main() -> None:
     from bench.engine import with_tokenizer, write_full_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="warm-up-bench-") as scratch:
-        checkpoint = (with_tokenizer(args.checkpoint, Path(scratch)) if args.checkpoint
-                      else write_full_checkpoint(Path(scratch) / "checkpoint"))
+        checkpoint = (
+            with_tokenizer(args.checkpoint, Path(scratch))
+            if args.checkpoint
+            else write_full_checkpoint(Path(scratch) / "checkpoint")
+        )
         runs = []
         for _ in range(args.rounds):
             for variant in VARIANTS:
-                command = [sys.executable, __file__, "--worker", variant, "--checkpoint", str(checkpoint),
-                           "--dtype", args.dtype, "--device", args.device]
+                command = [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    variant,
+                    "--checkpoint",
+                    str(checkpoint),
+                    "--dtype",
+                    args.dtype,
+                    "--device",
+                    args.device,
+                ]
                 done = subprocess.run(command, capture_output=True, text=True, check=True)
                 runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
                 print(json.dumps(runs[-1]), flush=True)
@@ -87,8 +100,9 @@ def main() -> None:
         summary[variant] = {
             "warm_up_s": statistics.median(run["warm_up_s"] for run in mine),
             "first_request_first_audio_s": statistics.median(run["first_audio_s"][0] for run in mine),
-            "first_minus_second_request_s": round(statistics.median(
-                run["first_audio_s"][0] - run["first_audio_s"][1] for run in mine), 3),
+            "first_minus_second_request_s": round(
+                statistics.median(run["first_audio_s"][0] - run["first_audio_s"][1] for run in mine), 3
+            ),
         }
     print(json.dumps({"dtype": args.dtype, "device": args.device, "runs": runs, "summary": summary}))
 

@@ -25,17 +25,36 @@ from omni_server.protocol import LISTENING_PREFIX
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m omni_server", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=60808, help="port (default 60808 like the reference; 0 = any free port)")
-    parser.add_argument("--engine", choices=[choice.value for choice in EngineChoice], default=EngineChoice.AUTO.value,
-                        help="auto (default): mini-omni if a checkpoint can be had, else echo; echo; mini-omni")
-    parser.add_argument("--checkpoint-dir", type=Path, default=None,
-                        help="mini-omni checkpoint directory (downloaded there when absent)")
-    parser.add_argument("--device", default=None, help="torch device for mini-omni, e.g. cpu, cuda:0 (default: best available)")
+    parser.add_argument(
+        "--port", type=int, default=60808, help="port (default 60808 like the reference; 0 = any free port)"
+    )
+    parser.add_argument(
+        "--engine",
+        choices=[choice.value for choice in EngineChoice],
+        default=EngineChoice.AUTO.value,
+        help="auto (default): mini-omni if a checkpoint can be had, else echo; echo; mini-omni",
+    )
+    parser.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        default=None,
+        help="mini-omni checkpoint directory (downloaded there when absent)",
+    )
+    parser.add_argument(
+        "--device", default=None, help="torch device for mini-omni, e.g. cpu, cuda:0 (default: best available)"
+    )
     parser.add_argument("--dtype", default=None, help="torch dtype for mini-omni, e.g. float32, bfloat16")
-    parser.add_argument("--decode-mode", default="default", choices=["default", "reference"],
-                        help="mini-omni audio: default (seamless pieces, tail sent) or reference (the reference's bytes)")
-    parser.add_argument("--stop-on-stdin-close", action="store_true",
-                        help="exit when stdin reaches end of file (a launcher's pipe: the server dies with its launcher)")
+    parser.add_argument(
+        "--decode-mode",
+        default="default",
+        choices=["default", "reference"],
+        help="mini-omni audio: default (seamless pieces, tail sent) or reference (the reference's bytes)",
+    )
+    parser.add_argument(
+        "--stop-on-stdin-close",
+        action="store_true",
+        help="exit when stdin reaches end of file (a launcher's pipe: the server dies with its launcher)",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser.parse_args(argv)
 
@@ -44,8 +63,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     options = EngineOptions(EngineChoice(args.engine), args.checkpoint_dir, args.device, args.dtype, args.decode_mode)
-    host = EngineHost(functools.partial(load_engine, options),
-                      "echo" if options.choice is EngineChoice.ECHO else MINI_OMNI)
+    host = EngineHost(
+        functools.partial(load_engine, options), "echo" if options.choice is EngineChoice.ECHO else MINI_OMNI
+    )
     listener = socket.create_server((args.host, args.port))
     bound_host, bound_port = listener.getsockname()[:2]
     shown_host = f"[{bound_host}]" if ":" in bound_host else bound_host

@@ -78,11 +78,29 @@ def decode_audio_file(data: bytes, *, max_seconds: float, trim: bool = False) ->
         upload.write(data)
         upload.flush()
         command = [
-            "ffmpeg", "-nostdin", "-loglevel", "error", "-threads", "0",
-            "-format_whitelist", AUDIO_FORMATS, "-protocol_whitelist", "file",
-            "-i", upload.name,
-            "-t", f"{max_seconds + 1.0:.3f}",
-            "-f", "s16le", "-ac", "1", "-acodec", "pcm_s16le", "-ar", str(INPUT_SAMPLE_RATE), "-",
+            "ffmpeg",
+            "-nostdin",
+            "-loglevel",
+            "error",
+            "-threads",
+            "0",
+            "-format_whitelist",
+            AUDIO_FORMATS,
+            "-protocol_whitelist",
+            "file",
+            "-i",
+            upload.name,
+            "-t",
+            f"{max_seconds + 1.0:.3f}",
+            "-f",
+            "s16le",
+            "-ac",
+            "1",
+            "-acodec",
+            "pcm_s16le",
+            "-ar",
+            str(INPUT_SAMPLE_RATE),
+            "-",
         ]
         try:
             result = subprocess.run(command, capture_output=True, timeout=FFMPEG_TIMEOUT_S, check=False)
@@ -157,9 +175,13 @@ def _wav_header(data: bytes) -> _WavHeader | None:
             tag, bits = int.from_bytes(fmt[0:2], "little"), int.from_bytes(fmt[14:16], "little")
             if tag == _EXTENSIBLE_FORMAT and len(fmt) >= 26:
                 tag = int.from_bytes(fmt[24:26], "little")
-            return _WavHeader(rate=int.from_bytes(fmt[4:8], "little"), block_align=int.from_bytes(fmt[12:14], "little"),
-                              float_bits=bits if tag == _FLOAT_FORMAT and bits in (32, 64) else None,
-                              data_start=position + 8, data_bytes=size)
+            return _WavHeader(
+                rate=int.from_bytes(fmt[4:8], "little"),
+                block_align=int.from_bytes(fmt[12:14], "little"),
+                float_bits=bits if tag == _FLOAT_FORMAT and bits in (32, 64) else None,
+                data_start=position + 8,
+                data_bytes=size,
+            )
         position += 8 + size + (size & 1)  # chunks are padded to an even length
     return None
 
@@ -170,7 +192,10 @@ def _plain_wav_pcm(data: bytes) -> bytes | None:
     try:
         with wave.open(io.BytesIO(data)) as reader:
             if (reader.getcomptype(), reader.getnchannels(), reader.getsampwidth(), reader.getframerate()) != (
-                "NONE", 1, 2, INPUT_SAMPLE_RATE,
+                "NONE",
+                1,
+                2,
+                INPUT_SAMPLE_RATE,
             ):
                 return None
             frames = reader.getnframes()

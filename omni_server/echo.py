@@ -23,7 +23,6 @@ from omni_server.engine import (
     ReplyPiece,
     TextPiece,
 )
-
 from omni_server.protocol import INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE
 
 SNAC_FRAME_SAMPLES = 2048

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+
 from omni_server.engine import Engine, LoadReport
 from omni_server.protocol import Health, HealthStatus
 

@@ -64,7 +64,10 @@ def load_engine(options: EngineOptions, report: LoadReport) -> tuple[Engine, str
 def _load_mini_omni(options: EngineOptions, report: LoadReport) -> Engine:
     report(MINI_OMNI, "importing the mini-omni engine")
     from omni_server.mini_omni.engine import MiniOmniEngine  # here, so this module imports without it
-    engine = MiniOmniEngine(options.checkpoint_dir, device=options.device, dtype=options.dtype, mode=options.decode_mode)
+
+    engine = MiniOmniEngine(
+        options.checkpoint_dir, device=options.device, dtype=options.dtype, mode=options.decode_mode
+    )
     engine.load(lambda detail: report(MINI_OMNI, detail))
     return engine
 

@@ -24,9 +24,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.types import Message, Receive, Scope, Send
 
+from omni_server import protocol
 from omni_server.audio_decode import DecoderUnavailable
 from omni_server.chat_request import MAX_BODY_BYTES, BadRequest, decode_request, parse_fields
-from omni_server import protocol
 from omni_server.engine import MAX_INPUT_SECONDS, AudioPiece, ChatRequest, Engine, RequestRejected, TextPiece
 from omni_server.engine_host import EngineHost
 from omni_server.protocol import MULTIPART_BOUNDARY, MULTIPART_TYPE, RAW_AUDIO_TYPE, TRIMMED_HEADER, HealthStatus
@@ -198,8 +198,13 @@ class _Writer:
         self.started = False
 
     async def start(self, status: int, content_type: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
-        await self._deliver({"type": "http.response.start", "status": status,
-                             "headers": [(b"content-type", content_type.encode()), *headers]})
+        await self._deliver(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", content_type.encode()), *headers],
+            }
+        )
         self.started = True
 
     async def body(self, data: bytes) -> None:
@@ -213,7 +218,9 @@ class _Writer:
 
     async def json_error(self, status: int, message: str) -> None:
         await self.start(status, "application/json")
-        await self._deliver({"type": "http.response.body", "body": _json({protocol.ERROR: message}), "more_body": False})
+        await self._deliver(
+            {"type": "http.response.body", "body": _json({protocol.ERROR: message}), "more_body": False}
+        )
 
     async def _deliver(self, message: Message) -> None:
         if self._gone.is_set():

@@ -46,11 +46,21 @@ class Health:
     waiting: int = 0  # requests queued behind it
 
     def to_json(self) -> dict[str, Any]:
-        return {"status": self.status.value, "engine": self.engine, "detail": self.detail, "busy": self.busy,
-                "waiting": self.waiting}
+        return {
+            "status": self.status.value,
+            "engine": self.engine,
+            "detail": self.detail,
+            "busy": self.busy,
+            "waiting": self.waiting,
+        }
 
     @classmethod
     def from_json(cls, data: Any) -> Health:
         """Raises ValueError, KeyError or TypeError when `data` is not a health answer."""
-        return cls(HealthStatus(data["status"]), str(data.get("engine", "")), str(data.get("detail", "")),
-                   bool(data.get("busy", False)), int(data.get("waiting", 0)))
+        return cls(
+            HealthStatus(data["status"]),
+            str(data.get("engine", "")),
+            str(data.get("detail", "")),
+            bool(data.get("busy", False)),
+            int(data.get("waiting", 0)),
+        )

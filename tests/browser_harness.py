@@ -39,8 +39,14 @@ CHROMIUM = "/usr/bin/chromium"
 RATE = 16_000  # the microphone files' rate
 
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run", "--use-fake-ui-for-media-stream",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--use-fake-ui-for-media-stream",
     "--use-fake-device-for-media-stream",
     "--autoplay-policy=document-user-activation-required",  # what a user's browser does: a click first
 ]
@@ -90,18 +96,34 @@ class RunningApp:
 
 @contextmanager
 def running_app(
-    log_path: Path, *extra_args: str, timeout_s: float = 90.0, app_dir: Path = REPO_ROOT,
-    engine_args: tuple[str, ...] = ("--engine", "echo"), env: dict[str, str] | None = None,
+    log_path: Path,
+    *extra_args: str,
+    timeout_s: float = 90.0,
+    app_dir: Path = REPO_ROOT,
+    engine_args: tuple[str, ...] = ("--engine", "echo"),
+    env: dict[str, str] | None = None,
 ) -> Iterator[RunningApp]:
     """`python app.py --engine echo` (of `app_dir`, this checkout unless told; `engine_args` pick another
     engine, `env` adds variables) on 127.0.0.1 and a free port, once its page is served."""
     port = free_port()
-    env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
-           "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    env = {
+        **os.environ,
+        "GRADIO_SERVER_NAME": "127.0.0.1",
+        "GRADIO_SERVER_PORT": str(port),
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+        **(env or {}),
+    }
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "app.py", *engine_args, *extra_args], cwd=app_dir,
-                                   env=env, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "app.py", *engine_args, *extra_args],
+            cwd=app_dir,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + timeout_s
@@ -111,9 +133,11 @@ def running_app(
                 try:
                     urllib.request.urlopen(url, timeout=2).read()
                     break
-                except OSError:
+                except OSError as error:
                     if time.monotonic() > deadline:
-                        raise RuntimeError(f"app.py did not serve {url} within {timeout_s} s; see {log_path}")
+                        raise RuntimeError(
+                            f"app.py did not serve {url} within {timeout_s} s; see {log_path}"
+                        ) from error
                     time.sleep(0.3)
             yield RunningApp(url, process.pid)
         finally:
@@ -127,12 +151,17 @@ class PageRecord:
 
     def foreign_requests(self) -> list[str]:
         """Requests to anything but 127.0.0.1 (blob: and data: URLs stay in the page)."""
-        return [url for url in self.requests
-                if urlparse(url).scheme in ("http", "https", "ws", "wss") and urlparse(url).hostname != "127.0.0.1"]
+        return [
+            url
+            for url in self.requests
+            if urlparse(url).scheme in ("http", "https", "ws", "wss") and urlparse(url).hostname != "127.0.0.1"
+        ]
 
 
 @contextmanager
-def chromium_pages(microphone_wavs: list[Path], pulse: PulseAudio | None = None) -> Iterator[list[tuple[object, PageRecord]]]:
+def chromium_pages(
+    microphone_wavs: list[Path], pulse: PulseAudio | None = None
+) -> Iterator[list[tuple[object, PageRecord]]]:
     """One page per file, each in a fresh Chromium of its own (the fake microphone is per browser); with
     `pulse`, their sound goes there."""
     from playwright.sync_api import sync_playwright
@@ -142,11 +171,14 @@ def chromium_pages(microphone_wavs: list[Path], pulse: PulseAudio | None = None)
         try:
             pages = []
             for wav in microphone_wavs:
-                browsers.append(playwright.chromium.launch(
-                    executable_path=CHROMIUM, headless=True,
-                    args=[*CHROMIUM_FLAGS, f"--use-file-for-fake-audio-capture={wav}"],
-                    **(pulse.chromium_launch_kwargs() if pulse is not None else {}),
-                ))
+                browsers.append(
+                    playwright.chromium.launch(
+                        executable_path=CHROMIUM,
+                        headless=True,
+                        args=[*CHROMIUM_FLAGS, f"--use-file-for-fake-audio-capture={wav}"],
+                        **(pulse.chromium_launch_kwargs() if pulse is not None else {}),
+                    )
+                )
                 context = browsers[-1].new_context(permissions=["microphone"], viewport={"width": 1280, "height": 900})
                 context.add_init_script(PAGE_INIT_SCRIPT)
                 page, record = context.new_page(), PageRecord()

@@ -30,7 +30,9 @@ TINY = GPTConfig(
 TINY_SEED = 1234
 
 
-def write_tiny_checkpoint(directory: Path, config: GPTConfig = TINY, recipe_gains: recipe.GPTRecipe = recipe.RECIPE_V1) -> Path:
+def write_tiny_checkpoint(
+    directory: Path, config: GPTConfig = TINY, recipe_gains: recipe.GPTRecipe = recipe.RECIPE_V1
+) -> Path:
     """A complete checkpoint directory of `config` (recipe weights of TINY_SEED) with a word tokenizer."""
     recipe.write_checkpoint(directory, config, WHISPER_TINY, TINY_SEED, recipe=recipe_gains)
     word_tokenizer(directory / "tokenizer.json")

@@ -85,18 +85,24 @@ class ReferenceServer:
         head, body = request.split(b"\r\n\r\n", 1)
         if not head.startswith(b"POST /chat "):  # no health route in the reference
             page = WERKZEUG_404_PAGE
-            connection.sendall(self._status(b"404 NOT FOUND", b"text/html; charset=utf-8",
-                                            b"Content-Length: %d\r\n" % len(page)) + page)
+            connection.sendall(
+                self._status(b"404 NOT FOUND", b"text/html; charset=utf-8", b"Content-Length: %d\r\n" % len(page))
+                + page
+            )
             return
-        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+        length = next(
+            int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")
+        )
         while len(body) < length:
             body += connection.recv(65536)
         self.bodies.append(json.loads(body))
         script = self.script
         time.sleep(script.first_delay_s)
         if script.behaviour is Behaviour.HTML_500:
-            connection.sendall(self._status(b"500 INTERNAL SERVER ERROR", b"text/html; charset=utf-8",
-                                            b"Content-Length: 265\r\n") + WERKZEUG_500_PAGE)
+            connection.sendall(
+                self._status(b"500 INTERNAL SERVER ERROR", b"text/html; charset=utf-8", b"Content-Length: 265\r\n")
+                + WERKZEUG_500_PAGE
+            )
             return
         pieces = list(script.pieces) if script.behaviour is not Behaviour.EMPTY else []
         first = pieces.pop(0) if pieces else b""
@@ -110,5 +116,17 @@ class ReferenceServer:
     @staticmethod
     def _status(status: bytes, content_type: bytes, extra: bytes = b"") -> bytes:
         date = formatdate(usegmt=True).encode()
-        return (b"HTTP/1.0 " + status + b"\r\n" + SERVER_HEADER + b"Date: " + date + b"\r\n"
-                + b"Content-Type: " + content_type + b"\r\n" + extra + b"Connection: close\r\n\r\n")
+        return (
+            b"HTTP/1.0 "
+            + status
+            + b"\r\n"
+            + SERVER_HEADER
+            + b"Date: "
+            + date
+            + b"\r\n"
+            + b"Content-Type: "
+            + content_type
+            + b"\r\n"
+            + extra
+            + b"Connection: close\r\n\r\n"
+        )

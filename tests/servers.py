@@ -94,8 +94,15 @@ class ScriptedEngine:
 
     name = "scripted"
 
-    def __init__(self, pieces: int = 2, delay: float = 0.0, fail_after: int | None = None, text: str = "",
-                 gate: threading.Event | None = None, piece: bytes = PIECE) -> None:
+    def __init__(
+        self,
+        pieces: int = 2,
+        delay: float = 0.0,
+        fail_after: int | None = None,
+        text: str = "",
+        gate: threading.Event | None = None,
+        piece: bytes = PIECE,
+    ) -> None:
         self.pieces, self.delay, self.fail_after, self.text, self.gate = pieces, delay, fail_after, text, gate
         self.piece = piece
         self.served: list[int] = []

@@ -56,8 +56,11 @@ class PulseAudio:
         """For a client's environment: this server, and the cookie and runtime dir that libpulse would otherwise
         create under $HOME (and /tmp) kept in the daemon's folder."""
         folder = self.socket.parent
-        return {"PULSE_SERVER": f"unix:{self.socket}", "PULSE_COOKIE": str(folder / "cookie"),
-                "PULSE_RUNTIME_PATH": str(folder / "runtime")}
+        return {
+            "PULSE_SERVER": f"unix:{self.socket}",
+            "PULSE_COOKIE": str(folder / "cookie"),
+            "PULSE_RUNTIME_PATH": str(folder / "runtime"),
+        }
 
     def chromium_launch_kwargs(self) -> dict[str, object]:
         """For `playwright.chromium.launch`: unmuted (Playwright mutes by default), playing into this daemon."""
@@ -74,9 +77,19 @@ def private_pulse(timeout_s: float = 10.0) -> Iterator[PulseAudio]:
         log = Path(folder) / "daemon.log"
         with open(log, "wb") as output:
             daemon = subprocess.Popen(
-                ["pulseaudio", "-n", "--daemonize=no", "--exit-idle-time=-1", "--use-pid-file=no",
-                 f"--load=module-native-protocol-unix socket={pulse.socket} auth-anonymous=1",
-                 f"--load=module-null-sink sink_name={SINK}"], env=env, stdout=output, stderr=output)
+                [
+                    "pulseaudio",
+                    "-n",
+                    "--daemonize=no",
+                    "--exit-idle-time=-1",
+                    "--use-pid-file=no",
+                    f"--load=module-native-protocol-unix socket={pulse.socket} auth-anonymous=1",
+                    f"--load=module-null-sink sink_name={SINK}",
+                ],
+                env=env,
+                stdout=output,
+                stderr=output,
+            )
         try:
             deadline = time.monotonic() + timeout_s
             while subprocess.run(["pactl", "info"], env=env, capture_output=True).returncode:
@@ -117,7 +130,7 @@ class Recording:
     def samples_between(self, start_wall: float, end_wall: float) -> np.ndarray:
         """The int16 samples that played from `start_wall` up to `end_wall`."""
         start, samples = self._snapshot()
-        return samples[_index(start_wall, start, samples):_index(end_wall, start, samples)]
+        return samples[_index(start_wall, start, samples) : _index(end_wall, start, samples)]
 
     def level_db(self, start_wall: float, end_wall: float) -> float:
         """RMS level (dBFS) of what played in the span."""
@@ -142,19 +155,23 @@ class Recording:
                 return float(starts[index - run + 1])
         return None
 
-    def gaps(self, start_wall: float, end_wall: float, threshold_db: float = -50.0,
-             min_gap_s: float = 0.02) -> list[tuple[float, float]]:
+    def gaps(
+        self, start_wall: float, end_wall: float, threshold_db: float = -50.0, min_gap_s: float = 0.02
+    ) -> list[tuple[float, float]]:
         """(start, end) of each stretch of at least `min_gap_s` in the span where every sample is below threshold.
 
         Sample-exact, and meant for tonal or continuous test signals: speech has quiet moments of its own.
         """
         start, samples = self._snapshot()
         first = _index(start_wall, start, samples)
-        span = samples[first:_index(end_wall, start, samples)].astype(np.int32)
+        span = samples[first : _index(end_wall, start, samples)].astype(np.int32)
         quiet = np.abs(span) < 32768 * 10 ** (threshold_db / 20)
         edges = first + np.flatnonzero(np.diff(np.concatenate(([0], quiet.astype(np.int8), [0]))))
-        return [(float(start + begin / RATE), float(start + end / RATE))
-                for begin, end in zip(edges[::2], edges[1::2]) if end - begin >= min_gap_s * RATE]
+        return [
+            (float(start + begin / RATE), float(start + end / RATE))
+            for begin, end in zip(edges[::2], edges[1::2])
+            if end - begin >= min_gap_s * RATE
+        ]
 
     def save_wav(self, path: Path | str) -> None:
         """The whole recording as a 16 kHz mono WAV, to listen to when a test fails."""
@@ -178,8 +195,20 @@ def _db(samples: np.ndarray) -> np.ndarray:
 def recording(pulse: PulseAudio, timeout_s: float = 5.0) -> Iterator[Recording]:
     """Record the sink with parec: returns once audio flows (see the module doc), stops parec at exit."""
     parec = subprocess.Popen(
-        ["parec", "-d", f"{SINK}.monitor", "--raw", "--format=s16le", f"--rate={RATE}", "--channels=1",
-         "--latency-msec=10"], env={**os.environ, **pulse.env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        [
+            "parec",
+            "-d",
+            f"{SINK}.monitor",
+            "--raw",
+            "--format=s16le",
+            f"--rate={RATE}",
+            "--channels=1",
+            "--latency-msec=10",
+        ],
+        env={**os.environ, **pulse.env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     heard = Recording()
     reader = threading.Thread(target=heard._read, args=(parec.stdout,), daemon=True)
     reader.start()

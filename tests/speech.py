@@ -27,7 +27,21 @@ def speak(text: str, *, voice: str = "en-us", words_per_minute: int = 160, rate:
         capture_output=True,
     ).stdout
     pcm = subprocess.run(
-        ["ffmpeg", "-nostdin", "-loglevel", "error", "-i", "pipe:0", "-f", "s16le", "-ac", "1", "-ar", str(rate), "pipe:1"],
+        [
+            "ffmpeg",
+            "-nostdin",
+            "-loglevel",
+            "error",
+            "-i",
+            "pipe:0",
+            "-f",
+            "s16le",
+            "-ac",
+            "1",
+            "-ar",
+            str(rate),
+            "pipe:1",
+        ],
         input=wav,
         check=True,
         capture_output=True,
@@ -74,7 +88,13 @@ def write_wav(path: Path, samples: np.ndarray, rate: int = RATE) -> Path:
 def float_wav(samples: np.ndarray, rate: int = RATE) -> bytes:
     """A 32-bit IEEE float mono WAV, written by hand (the stdlib writes integer PCM only)."""
     body = samples.astype("<f4").tobytes()
-    fmt = (3).to_bytes(2, "little") + (1).to_bytes(2, "little") + rate.to_bytes(4, "little") + \
-        (4 * rate).to_bytes(4, "little") + (4).to_bytes(2, "little") + (32).to_bytes(2, "little")
+    fmt = (
+        (3).to_bytes(2, "little")
+        + (1).to_bytes(2, "little")
+        + rate.to_bytes(4, "little")
+        + (4 * rate).to_bytes(4, "little")
+        + (4).to_bytes(2, "little")
+        + (32).to_bytes(2, "little")
+    )
     chunks = b"fmt " + len(fmt).to_bytes(4, "little") + fmt + b"data" + len(body).to_bytes(4, "little") + body
     return b"RIFF" + (4 + len(chunks)).to_bytes(4, "little") + b"WAVE" + chunks

@@ -38,8 +38,8 @@ from backend import Backend
 from end_of_turn import SharedTurnModel
 from live_link import LiveLink, status_line
 from omni_client import fetch_health
-from omni_server.protocol import OUTPUT_SAMPLE_RATE
 from omni_server.echo import EchoEngine
+from omni_server.protocol import OUTPUT_SAMPLE_RATE
 from replying import ReplySettings, whole_reply
 from state import Conversation, Phase
 from tests import processes
@@ -48,8 +48,10 @@ from tests.reference_server import Behaviour, ReferenceServer, Script
 from tests.servers import serving_engine, serving_while_loading, wait_for
 from tests.speech import espeak_available, join, silence, speak, to_int16, trim, wav_bytes, write_wav
 
-pytestmark = [pytest.mark.skipif(not espeak_available(), reason="espeak-ng is not installed"),
-              pytest.mark.usefixtures("loopback_only")]
+pytestmark = [
+    pytest.mark.skipif(not espeak_available(), reason="espeak-ng is not installed"),
+    pytest.mark.usefixtures("loopback_only"),
+]
 
 QUESTION = "What is the capital of France?"
 LONG_QUESTION = "Tell me a long story about a dragon and a knight, please."
@@ -208,8 +210,9 @@ def test_a_whole_turn_with_the_echo_server(tmp_path: Path, question: np.ndarray,
     turn = tab.talk(question)
 
     assert turn["turn"] == 1
-    assert 0.5 + len(trim(question)) / 16_000 - 0.1 < turn["speech_end_s"] < 0.5 + len(question) / 16_000, \
+    assert 0.5 + len(trim(question)) / 16_000 - 0.1 < turn["speech_end_s"] < 0.5 + len(question) / 16_000, (
         "the end of speech on the stream's clock (its first frame is time 0)"
+    )
     assert tab.received[0].status.startswith("Thinking"), "the turn's end sets the app thinking"
     heard_s = wav_seconds(tab.user_wav(1))
     assert len(question) / 16_000 < heard_s < len(question) / 16_000 + 0.8  # speech + pre-roll + tail
@@ -366,8 +369,9 @@ def test_stop_cancels_the_reply_in_flight_and_keeps_the_history(
     wait_for(lambda: not fetch_health(echo_url).busy, timeout=3, what="the server to be freed for the next request")
     assert tab.texts("reply_end") == [], "the cancelled reply has no end to play"
     tab.link.played(1, 10**6, complete=True)
-    assert session.conversation.history == chat and session.conversation.phase is Phase.STOPPED, \
+    assert session.conversation.history == chat and session.conversation.phase is Phase.STOPPED, (
         "a late playback report files nothing twice and starts nothing again"
+    )
 
 
 def test_the_pages_own_stop_keeps_what_was_heard_and_says_stopped(
@@ -430,8 +434,7 @@ def test_the_user_cuts_in_over_the_reply(tmp_path: Path, question: np.ndarray, e
     assert tab.texts("turn")[-1]["turn"] == 2, "the words that cut in are the next turn"
     tab.reply(2)
     assert len(tab.frames(1)) == flushed_at, "nothing more of the silenced reply is sent"
-    assert wav_seconds(tab.user_wav(2)) > len(words) / 16_000, \
-        "the turn that cut in keeps its first syllable"
+    assert wav_seconds(tab.user_wav(2)) > len(words) / 16_000, "the turn that cut in keeps its first syllable"
 
 
 def test_without_barge_in_talking_over_the_reply_does_not_cut_it(
@@ -516,8 +519,11 @@ def test_a_tab_waiting_for_the_server_says_it_is_queued(
     first.talk(long_question)
     first.wait(lambda: bool(first.frames(1)), "the first tab's reply audio")  # the server is busy with it now
     second.talk(question)
-    wait_for(lambda: second.status.startswith("Queued: the model server is answering another conversation first"),
-             timeout=REPLY_WAIT_S, what="the second tab to say it is queued")
+    wait_for(
+        lambda: second.status.startswith("Queued: the model server is answering another conversation first"),
+        timeout=REPLY_WAIT_S,
+        what="the second tab to say it is queued",
+    )
     assert second.reply(1), "and then it is answered"
     assert all(received.status.startswith("Speaking") for _, received in second.frames(1))
     first.reply(1)
@@ -687,8 +693,11 @@ def test_the_chat_api_refuses_what_is_not_a_question_in_a_sentence(tmp_path: Pat
     text = tmp_path / "notes.wav"
     text.write_text("these are my notes, not a recording")
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for path, sentence in [(one_hertz, "sample rate is 1 Hz; rates from 8 to 96 kHz are supported"),
-                           (ten_minutes, "longer than 30 seconds"), (text, "could not be decoded")]:
+    for path, sentence in [
+        (one_hertz, "sample rate is 1 Hz; rates from 8 to 96 kHz are supported"),
+        (ten_minutes, "longer than 30 seconds"),
+        (text, "could not be decoded"),
+    ]:
         with pytest.raises(gr.Error, match=sentence):
             handlers.api_chat(str(path))
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 100 * 1024, "peak memory grew < 100 MB"
@@ -744,8 +753,15 @@ def test_a_single_threaded_server_busy_with_our_reply_is_not_reported_unreachabl
             backend.start()
             wait_for(lambda: "Using the model server" in backend.status_line(), timeout=10, what="its first check")
             lines: list[str] = []
-            replying = threading.Thread(target=whole_reply, args=(
-                backend, wav_bytes(np.zeros(16_000, np.float32)), lambda: tmp_path / "reply.mp3", ReplySettings()))
+            replying = threading.Thread(
+                target=whole_reply,
+                args=(
+                    backend,
+                    wav_bytes(np.zeros(16_000, np.float32)),
+                    lambda: tmp_path / "reply.mp3",
+                    ReplySettings(),
+                ),
+            )
             replying.start()
             while replying.is_alive():
                 lines.append(backend.status_line())
@@ -763,8 +779,11 @@ def test_a_question_asked_while_the_model_loads_is_answered_once_it_is_ready(
         handlers = Handlers(Backend(server_url=url))
         tab = Tab.opened(handlers, new_session(tmp_path / "a"))
         tab.talk(question)
-        wait_for(lambda: tab.status.startswith("Waiting for the model to load (mini-omni: loading weights)"),
-                 timeout=REPLY_WAIT_S, what="the page to say it waits for the model")
+        wait_for(
+            lambda: tab.status.startswith("Waiting for the model to load (mini-omni: loading weights)"),
+            timeout=REPLY_WAIT_S,
+            what="the page to say it waits for the model",
+        )
         release.set()
         assert reply_seconds(tab.play(1)) > 1.0, "answered once the model is ready"
         assert tab.conversation.notice is None and "failed" not in str(tab.conversation.history)

@@ -34,10 +34,30 @@ def test_any_rate_becomes_16k_mono_scaled_by_1_over_32768() -> None:
 
 def encoded(wav: bytes, extension: str) -> bytes:
     """`wav` re-encoded by ffmpeg into the container `extension` names."""
-    args = {"m4a": ["-c:a", "aac", "-movflags", "frag_keyframe+empty_moov"], "webm": ["-c:a", "libopus"], "ogg": ["-c:a", "libvorbis"]}
-    return subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-f", "wav", "-i", "pipe:0",
-                           *args.get(extension, []), "-f", {"m4a": "ipod"}.get(extension, extension), "pipe:1"],
-                          input=wav, capture_output=True, check=True).stdout
+    args = {
+        "m4a": ["-c:a", "aac", "-movflags", "frag_keyframe+empty_moov"],
+        "webm": ["-c:a", "libopus"],
+        "ogg": ["-c:a", "libvorbis"],
+    }
+    return subprocess.run(
+        [
+            "ffmpeg",
+            "-nostdin",
+            "-loglevel",
+            "error",
+            "-f",
+            "wav",
+            "-i",
+            "pipe:0",
+            *args.get(extension, []),
+            "-f",
+            {"m4a": "ipod"}.get(extension, extension),
+            "pipe:1",
+        ],
+        input=wav,
+        capture_output=True,
+        check=True,
+    ).stdout
 
 
 def test_decoding_stops_one_second_past_the_limit() -> None:

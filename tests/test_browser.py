@@ -45,8 +45,14 @@ def url() -> str:
 
 def test_a_conversation_heard_turn_after_turn_then_stop(url: str, pulse) -> None:
     script = harness.Script().add(silence(0.5))
-    for number, text in enumerate(["What is the capital of France?", "And how many people live there?",
-                                   "Is it a good place to visit in the spring?"], start=1):
+    for number, text in enumerate(
+        [
+            "What is the capital of France?",
+            "And how many people live there?",
+            "Is it a good place to visit in the spring?",
+        ],
+        start=1,
+    ):
         script.add(trim(speak(text)), f"q{number}").add(silence(6.0))
     wav = script.write(OUTPUT / "three-questions.wav")
     with harness.chromium_page(wav, pulse) as (page, record), recording(pulse) as capture:
@@ -57,15 +63,20 @@ def test_a_conversation_heard_turn_after_turn_then_stop(url: str, pulse) -> None
         harness.wait_for(other_tab, harness.SERVER_READY, 30, "the second tab's page")
 
         page.click("#start")  # the user's one gesture
-        harness.wait_for(page, "window.omniLive.state.events.some(e => e.type === 'connected')", 15,
-                         "the live channel to connect")
+        harness.wait_for(
+            page, "window.omniLive.state.events.some(e => e.type === 'connected')", 15, "the live channel to connect"
+        )
         room = harness.mic_opened_at(page)
         assert page.evaluate("window.__mic.opens") == 1, "one getUserMedia for the whole conversation"
         assert '"all"' in page.evaluate("window.__mic.constraints[0]"), "echo cancellation asked for all audio"
 
         for number in (1, 2):
-            harness.wait_for(page, f"window.omniLive.state.events.some(e => e.type === 'played' && e.turn === {number})",
-                             script.spans[f"q{number}"][1] + 20 - (time.time() - room), f"reply {number} to play")
+            harness.wait_for(
+                page,
+                f"window.omniLive.state.events.some(e => e.type === 'played' && e.turn === {number})",
+                script.spans[f"q{number}"][1] + 20 - (time.time() - room),
+                f"reply {number} to play",
+            )
             end, next_start = script.spans[f"q{number}"][1], script.spans[f"q{number + 1}"][0]
             first_sound = capture.first_sound_after(room + end)
             assert first_sound is not None and first_sound < room + next_start, f"reply {number} was heard"
@@ -74,33 +85,52 @@ def test_a_conversation_heard_turn_after_turn_then_stop(url: str, pulse) -> None
         assert [e["complete"] for e in harness.live_events(page, "played")] == [True, True]
 
         # Turn 3: Stop while its reply plays.
-        harness.wait_for(page, "window.omniLive.state.events.some(e => e.type === 'sounding' && e.turn === 3)",
-                         script.spans["q3"][1] + 20 - (time.time() - room), "reply 3 to sound")
+        harness.wait_for(
+            page,
+            "window.omniLive.state.events.some(e => e.type === 'sounding' && e.turn === 3)",
+            script.spans["q3"][1] + 20 - (time.time() - room),
+            "reply 3 to sound",
+        )
         box = page.locator("#stop").bounding_box()
         time.sleep(0.5)
         page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)  # no actionability waits
         clicked = page.evaluate("window.__stopClickedAt")
-        harness.wait_for(page, "document.querySelector('#status').innerText.includes('Stopped')", 10,
-                         "the status line to say the conversation stopped")
+        harness.wait_for(
+            page,
+            "document.querySelector('#status').innerText.includes('Stopped')",
+            10,
+            "the status line to say the conversation stopped",
+        )
         time.sleep(1.0)
         silent_from = capture.sound_stopped_after(clicked - 0.3, quiet_s=0.5)
         assert silent_from is not None and silent_from - clicked < 0.5, "Stop silences the reply at once"
         assert harness.heard_between(capture, clicked + 0.5, time.time()) == 0.0, "and nothing plays after it"
-        harness.wait_for(page, "document.querySelectorAll('#chatbot [data-testid=\"bot\"] "
-                               "[data-testid=\"waveform-Audio\"]').length >= 3", 10, "the third reply in the chat")
+        harness.wait_for(
+            page,
+            'document.querySelectorAll(\'#chatbot [data-testid="bot"] [data-testid="waveform-Audio"]\').length >= 3',
+            10,
+            "the third reply in the chat",
+        )
         final = harness.chat_counts(page)
         assert final["user"] == 3 and final["user_audio"] == 3 and final["bot_audio"] == 3, final
         assert "(echo)" in final["bot_text"] and "s to first sound" in final["bot_text"], final
         assert "stopped after" in final["bot_text"], (final, harness.live_events(page))
 
         page.screenshot(path=str(OUTPUT / "final.png"), full_page=True)
-        assert harness.chat_counts(other_tab)["user"] == 0 and harness.chat_counts(other_tab)["bot_audio"] == 0, \
+        assert harness.chat_counts(other_tab)["user"] == 0 and harness.chat_counts(other_tab)["bot_audio"] == 0, (
             "nothing of one tab's conversation appears in another"
+        )
         assert not harness.live_events(other_tab, "first-audio"), "nor is any of its audio sent there"
         sounding = {e["turn"]: e["sounding"] for e in harness.live_events(page, "sounding")}
-        (OUTPUT / "timings.json").write_text(json.dumps({
-            f"turn_{n}_speech_end_to_sound_s": round(sounding[n] - (room + script.spans[f"q{n}"][1]), 3)
-            for n in sounding}, indent=2))
+        (OUTPUT / "timings.json").write_text(
+            json.dumps(
+                {
+                    f"turn_{n}_speech_end_to_sound_s": round(sounding[n] - (room + script.spans[f"q{n}"][1]), 3)
+                    for n in sounding
+                },
+                indent=2,
+            )
+        )
     assert record.foreign_requests() == [], "the page must not reach beyond 127.0.0.1"
 
 
@@ -118,8 +148,12 @@ def test_talking_over_a_reply_cuts_it_off_but_its_echo_does_not(url: str, pulse)
         page.click("#start")
         harness.wait_for(page, "window.__mic.firstOpenedAt !== null", 15, "the microphone to open")
         room = harness.mic_opened_at(page)
-        harness.wait_for(page, "window.omniLive.state.events.some(e => e.type === 'played' && e.turn === 2)",
-                         script.length_s + 25 - (time.time() - room), "the interrupting question's reply")
+        harness.wait_for(
+            page,
+            "window.omniLive.state.events.some(e => e.type === 'played' && e.turn === 2)",
+            script.length_s + 25 - (time.time() - room),
+            "the interrupting question's reply",
+        )
 
         flushes = harness.live_events(page, "flush")
         cut_at = room + script.spans["interruption"][0]
@@ -127,16 +161,21 @@ def test_talking_over_a_reply_cuts_it_off_but_its_echo_does_not(url: str, pulse)
         assert flushes[0]["at"] > cut_at, "the echo (which came earlier) did not interrupt"
         first_sound = capture.first_sound_after(room + script.spans["story"][1])
         assert first_sound is not None and first_sound < room + script.spans["echo"][0], "the story was playing"
-        assert harness.heard_between(capture, room + script.spans["echo"][0], room + script.spans["echo"][1]) > 1.5, \
+        assert harness.heard_between(capture, room + script.spans["echo"][0], room + script.spans["echo"][1]) > 1.5, (
             "it kept playing through its echo"
+        )
         silent_from = capture.sound_stopped_after(cut_at, quiet_s=0.3)
         assert silent_from is not None and silent_from - cut_at < 1.0, "talking over it silences it"
         played = harness.live_events(page, "played")
         assert [(e["turn"], e["complete"]) for e in played] == [(1, False), (2, True)], played
         answer_heard = harness.heard_between(capture, room + script.spans["interruption"][1], time.time())
         assert answer_heard > 0.8 * len(interruption) / RATE, "the interrupting question is answered, whole"
-        harness.wait_for(page, "document.querySelector('#chatbot').innerText.includes('you cut in after')", 10,
-                         "the first reply filed as interrupted")
+        harness.wait_for(
+            page,
+            "document.querySelector('#chatbot').innerText.includes('you cut in after')",
+            10,
+            "the first reply filed as interrupted",
+        )
         assert harness.chat_counts(page)["user_audio"] == 2
 
 
@@ -144,7 +183,9 @@ def test_replies_play_after_the_users_one_click_alone(url: str, pulse) -> None:
     """Nothing but one mouse click touches the page until two replies have been heard: no `evaluate`, whose
     implicit gesture could unlock audio where a real user's browser would not. The second reply plays long
     after the click, when the click's short-lived activation is over."""
-    script = harness.Script().add(silence(0.5)).add(trim(speak("What is the capital of France?")), "q1").add(silence(6.0))
+    script = (
+        harness.Script().add(silence(0.5)).add(trim(speak("What is the capital of France?")), "q1").add(silence(6.0))
+    )
     script.add(trim(speak("And how many people live there?")), "q2")
     wav = script.write(OUTPUT / "one-click.wav")
     with harness.chromium_page(wav, pulse) as (scout, _):  # another page finds the button and waits for the server
@@ -160,7 +201,9 @@ def test_replies_play_after_the_users_one_click_alone(url: str, pulse) -> None:
         opened = page.evaluate("window.__mic.firstOpenedAt")
     assert opened is not None and opened - clicked < 3, "the click started the conversation"
     for name, until in (("q1", script.spans["q2"][0]), ("q2", script.length_s + 7.0)):
-        assert harness.heard_between(capture, opened + script.spans[name][1], opened + until) > 1.0, f"the reply to {name} played"
+        assert harness.heard_between(capture, opened + script.spans[name][1], opened + until) > 1.0, (
+            f"the reply to {name} played"
+        )
     assert record.foreign_requests() == []
 
 
@@ -193,10 +236,17 @@ def test_a_closed_tab_takes_its_audio_with_it_and_the_app_leaves_nothing(
             page.goto(running.url)
             harness.wait_for(page, harness.SERVER_READY, 60, "the status line to name the echo engine")
             page.click("#start")
-            harness.wait_for(page, "window.omniLive.state.events.some(e => e.type === 'played' && e.turn === 1)",
-                             30, "the reply to play")
+            harness.wait_for(
+                page,
+                "window.omniLive.state.events.some(e => e.type === 'played' && e.turn === 1)",
+                30,
+                "the reply to play",
+            )
             deadline = time.monotonic() + 10  # the app files the reply once the page says it played
-            while {p.suffix for p in (run_dir / "tabs").glob("*/*")} != {".wav", ".mp3"} and time.monotonic() < deadline:
+            while {p.suffix for p in (run_dir / "tabs").glob("*/*")} != {
+                ".wav",
+                ".mp3",
+            } and time.monotonic() < deadline:
                 time.sleep(0.2)
             tab_files = list((run_dir / "tabs").glob("*/*"))
             assert {p.suffix for p in tab_files} == {".wav", ".mp3"}, tab_files

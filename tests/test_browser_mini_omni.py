@@ -120,8 +120,11 @@ def test_a_question_asked_while_the_model_loads_is_answered_and_stop_frees_the_s
     with held_mirror(payload) as mirror:
         env[WHISPER_URL_VARIABLE] = mirror.url
         engine_args = ("--engine", "mini-omni", "--checkpoint-dir", str(endless_checkpoint))
-        with harness.running_app(OUTPUT / "mini-omni-app.log", engine_args=engine_args, env=env) as app, \
-                harness.chromium_page(wav, pulse) as (page, record), recording(pulse) as capture:
+        with (
+            harness.running_app(OUTPUT / "mini-omni-app.log", engine_args=engine_args, env=env) as app,
+            harness.chromium_page(wav, pulse) as (page, record),
+            recording(pulse) as capture,
+        ):
             page.goto(app.url)
             harness.wait_for(page, "document.querySelector('#start') !== null", 60, "the page")
             click(page, "#start")
@@ -129,36 +132,58 @@ def test_a_question_asked_while_the_model_loads_is_answered_and_stop_frees_the_s
             room = harness.mic_opened_at(page)
 
             # The question ends while the whisper download is held: it waits, saying why.
-            harness.wait_for(page, "document.querySelector('#status').innerText.includes("
-                                   "'Waiting for the model to load (mini-omni: downloading small.pt')",
-                             script.spans["q1"][1] + 15, "the question to wait for the model")
+            harness.wait_for(
+                page,
+                "document.querySelector('#status').innerText.includes("
+                "'Waiting for the model to load (mini-omni: downloading small.pt')",
+                script.spans["q1"][1] + 15,
+                "the question to wait for the model",
+            )
             waiting_line = harness.status_text(page)
             assert re.search(r"downloading small\.pt: \d+ of \d+ MB", waiting_line), waiting_line
             assert not harness.live_events(page, "first-audio"), "nothing could have been answered yet"
             released = time.time()
             mirror.release()
 
-            harness.wait_for(page, "window.omniLive.state.events.some(e => e.type === 'sounding' && e.turn === 1)",
-                             60, "the reply to the question asked while loading to sound")
+            harness.wait_for(
+                page,
+                "window.omniLive.state.events.some(e => e.type === 'sounding' && e.turn === 1)",
+                60,
+                "the reply to the question asked while loading to sound",
+            )
             first_sound = capture.first_sound_after(released)
             assert first_sound is not None, "the reply was heard"
-            harness.wait_for(page, "/\\bw\\d+\\b/.test(document.querySelector('#chatbot').innerText)", 15,
-                             "the reply's text in the chat")
+            harness.wait_for(
+                page,
+                "/\\bw\\d+\\b/.test(document.querySelector('#chatbot').innerText)",
+                15,
+                "the reply's text in the chat",
+            )
             deadline = time.monotonic() + 15
             while harness.heard_between(capture, first_sound, time.time()) < 1.0 and time.monotonic() < deadline:
                 time.sleep(0.1)
 
             click(page, "#stop")
             clicked = page.evaluate("window.__stopClickedAt")
-            assert harness.heard_between(capture, clicked - 0.5, clicked) > 0.1, "the reply was playing when Stop was clicked"
-            harness.wait_for(page, "document.querySelector('#status').innerText.includes('Stopped')", 10,
-                             "the status line to say the conversation stopped")
+            assert harness.heard_between(capture, clicked - 0.5, clicked) > 0.1, (
+                "the reply was playing when Stop was clicked"
+            )
+            harness.wait_for(
+                page,
+                "document.querySelector('#status').innerText.includes('Stopped')",
+                10,
+                "the status line to say the conversation stopped",
+            )
             time.sleep(1.5)
             silent_from = capture.sound_stopped_after(clicked - 0.3, quiet_s=0.5)
             assert silent_from is not None and silent_from - clicked < 0.5, "Stop silences the reply at once"
             assert harness.heard_between(capture, clicked + 0.5, time.time()) == 0.0, "and nothing plays after it"
-            harness.wait_for(page, "document.querySelector('#chatbot').innerText.includes('stopped after')", 10,
-                             "the stopped reply filed in the chat")
+            harness.wait_for(
+                page,
+                "document.querySelector('#chatbot').innerText.includes('stopped after')",
+                10,
+                "the stopped reply filed in the chat",
+            )
             filed = harness.chat_counts(page)
             assert filed["user_audio"] == 1 and filed["bot_audio"] == 1 and bot_words(page), filed
 
@@ -172,11 +197,17 @@ def test_a_question_asked_while_the_model_loads_is_answered_and_stop_frees_the_s
             second_sound = capture.first_sound_after(q2_end)
             assert second_sound is not None and second_sound - q2_end < 10, "answered without waiting"
             click(page, "#stop")
-            harness.wait_for(page, "document.querySelectorAll('#chatbot [data-testid=\"bot\"] "
-                                   "[data-testid=\"waveform-Audio\"]').length >= 2", 15, "the second reply filed")
+            harness.wait_for(
+                page,
+                'document.querySelectorAll(\'#chatbot [data-testid="bot"] '
+                '[data-testid="waveform-Audio"]\').length >= 2',
+                15,
+                "the second reply filed",
+            )
             page.screenshot(path=str(OUTPUT / "mini-omni-final.png"), full_page=True)
             assert record.foreign_requests() == []
     log = (OUTPUT / "mini-omni-app.log").read_text()
     stopped = re.findall(r"reply: (\d+) steps \(stopped early\)", log)
-    assert len(stopped) == 2 and all(int(steps) < 1500 for steps in stopped), \
+    assert len(stopped) == 2 and all(int(steps) < 1500 for steps in stopped), (
         f"the server stopped generating each reply when it was stopped: {stopped}"
+    )

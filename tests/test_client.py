@@ -63,6 +63,7 @@ def assert_well_formed(events: list) -> None:
 
 # --- utterance_wav ------------------------------------------------------------------------------------------
 
+
 def test_utterance_wav_is_16k_mono_16_bit_and_resamples() -> None:
     with wave.open(io.BytesIO(utterance_wav(np.zeros(48_000, dtype=np.float32), sample_rate=48_000))) as wav:
         assert (wav.getnchannels(), wav.getsampwidth(), wav.getframerate(), wav.getnframes()) == (1, 2, 16_000, 16_000)
@@ -73,6 +74,7 @@ def test_utterance_wav_is_16k_mono_16_bit_and_resamples() -> None:
 
 
 # --- our server ---------------------------------------------------------------------------------------------
+
 
 def test_echo_reply_with_text_and_queue_position() -> None:
     with serving_engine(EchoEngine(thinking_s=0.05)) as url:
@@ -181,6 +183,7 @@ def test_cancel_ends_the_reply_quietly_and_frees_the_server() -> None:
 
 # --- a server that speaks the reference protocol byte for byte ---------------------------------------------
 
+
 def test_reference_stream_is_read_whole_in_small_pieces_and_the_request_is_the_reference_one() -> None:
     pieces = [bytes(range(256)) * 64] * 3  # 3 x 16,384 bytes = 3 x 341 ms
     with ReferenceServer(Script(pieces=pieces, delay_s=0.05)) as server:
@@ -206,7 +209,9 @@ def test_reference_first_bytes_are_handed_on_without_waiting_for_more() -> None:
 
 
 def test_reference_odd_reads_carry_a_byte_into_the_next_piece() -> None:
-    with ReferenceServer(Script(pieces=[b"\x01\x02\x03", b"\x04\x05\x06\x07\x08", b"\x09\x0a\x0b\x0c"], delay_s=0.15)) as server:
+    with ReferenceServer(
+        Script(pieces=[b"\x01\x02\x03", b"\x04\x05\x06\x07\x08", b"\x09\x0a\x0b\x0c"], delay_s=0.15)
+    ) as server:
         events, error = collect(server.url)
     assert error is None
     assert [event.pcm for event in events] == [b"\x01\x02", b"\x03\x04\x05\x06\x07\x08", b"\x09\x0a\x0b\x0c"]
@@ -223,7 +228,11 @@ def test_reference_odd_total_length_is_garbage_after_the_audio() -> None:
 @pytest.mark.parametrize(
     ("behaviour", "kind", "message"),
     [
-        (Behaviour.HTML_500, FailureKind.SERVER_ERROR, "The model server failed to answer (HTTP 500 INTERNAL SERVER ERROR)"),
+        (
+            Behaviour.HTML_500,
+            FailureKind.SERVER_ERROR,
+            "The model server failed to answer (HTTP 500 INTERNAL SERVER ERROR)",
+        ),
         (Behaviour.EMPTY, FailureKind.EMPTY, "The model server answered without any audio."),
     ],
     ids=["html-500", "empty-body"],
@@ -273,13 +282,25 @@ def test_garbage_answers(content_type: bytes, body: bytes, words: str) -> None:
 
 def test_mini_omni2_multipart_split_at_awkward_places() -> None:
     audio = bytes(range(200)) * 41  # 8,200 bytes
-    wire = (FRAME + b"Content-Type: audio/wav\r\n\r\n" + audio[:4101] + FRAME + b"Content-Type: text/plain\r\n\r\n"
-            + b"Hello, how" + FRAME + b"Content-Type: audio/wav\r\n\r\n" + audio[4101:]
-            + FRAME + b"Content-Type: text/plain\r\n\r\n" + " can I help? ✓".encode())
+    wire = (
+        FRAME
+        + b"Content-Type: audio/wav\r\n\r\n"
+        + audio[:4101]
+        + FRAME
+        + b"Content-Type: text/plain\r\n\r\n"
+        + b"Hello, how"
+        + FRAME
+        + b"Content-Type: audio/wav\r\n\r\n"
+        + audio[4101:]
+        + FRAME
+        + b"Content-Type: text/plain\r\n\r\n"
+        + " can I help? ✓".encode()
+    )
     cuts = [5, 30, 2000, 4120, 4125, 4140, 4150, 4170, 6000, len(wire) - 3]  # inside delimiters and headers
     pieces = [wire[a:b] for a, b in zip([0, *cuts], [*cuts, len(wire)])]
-    with ReferenceServer(Script(pieces=pieces, delay_s=0.03,
-                                content_type=b"multipart/x-mixed-replace; boundary=frame")) as server:
+    with ReferenceServer(
+        Script(pieces=pieces, delay_s=0.03, content_type=b"multipart/x-mixed-replace; boundary=frame")
+    ) as server:
         events, error = collect(server.url)
     assert error is None
     assert audio_of(events) == audio
@@ -288,6 +309,7 @@ def test_mini_omni2_multipart_split_at_awkward_places() -> None:
 
 
 # --- health and launching --------------------------------------------------------------------------------------
+
 
 def test_fetch_health_of_ours_of_the_reference_and_of_nothing() -> None:
     with serving_engine(EchoEngine()) as url:
@@ -329,9 +351,16 @@ def test_local_server_launches_waits_restarts_and_stops() -> None:
 def test_local_server_exits_when_its_launcher_is_killed() -> None:
     """The launcher (an app) dies by SIGKILL, with no chance to stop its server: the server goes too."""
     launcher = subprocess.Popen(
-        [sys.executable, "-c", "import time; from server_process import LocalServer; server = LocalServer(engine='echo');"
-                               " server.start(); print(server.pid, flush=True); time.sleep(120)"],
-        cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import time; from server_process import LocalServer; server = LocalServer(engine='echo');"
+            " server.start(); print(server.pid, flush=True); time.sleep(120)",
+        ],
+        cwd=Path(__file__).resolve().parent.parent,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         server_pid = int(launcher.stdout.readline())
         assert not processes.gone(server_pid)

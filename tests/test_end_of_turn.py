@@ -123,7 +123,9 @@ def test_model_calls_stay_bounded_and_short_in_a_long_monologue() -> None:
     verdicts = Scripted(0.1)
     detector = PauseDetector(VadOptions(), verdicts)
     frame = round(FRAME_S * RATE)
-    turn = next(filter(None, (detector.feed(RATE, audio[start : start + frame]) for start in range(0, len(audio), frame))))
+    turn = next(
+        filter(None, (detector.feed(RATE, audio[start : start + frame]) for start in range(0, len(audio), frame)))
+    )
     assert turn.reason is TurnEndReason.MAX_LENGTH, "max_utterance_secs still holds"
     pauses_in_30_s = 30 / (len(phrase) / RATE + 0.5)
     assert detector.model_calls <= pauses_in_30_s + 1, "one call per pause"
@@ -131,9 +133,16 @@ def test_model_calls_stay_bounded_and_short_in_a_long_monologue() -> None:
 
 
 def test_options_are_validated() -> None:
-    for bad in ({"check_secs": 0}, {"fallback_secs": 0.1}, {"recheck_secs": (0.1,)}, {"recheck_secs": (0.8, 0.5)},
-                {"recheck_secs": (2.5,)}, {"completion_threshold": 1.0}, {"resume_secs": -1},
-                {"tail_secs": 0.3}):
+    for bad in (
+        {"check_secs": 0},
+        {"fallback_secs": 0.1},
+        {"recheck_secs": (0.1,)},
+        {"recheck_secs": (0.8, 0.5)},
+        {"recheck_secs": (2.5,)},
+        {"completion_threshold": 1.0},
+        {"resume_secs": -1},
+        {"tail_secs": 0.3},
+    ):
         with pytest.raises(ValueError):
             VadOptions(**bad)
     assert VadOptions(semantic=False, tail_secs=0.3).tail_secs == 0.3, "without the model only pause_secs bounds it"
@@ -149,7 +158,9 @@ def test_features_hear_the_last_8_seconds_padded_in_front() -> None:
     assert features.shape == (80, 800) and features.dtype == np.float32
     np.testing.assert_array_equal(features, turn_features(long[-WINDOW_SAMPLES:]))
     short = long[: 2 * RATE]
-    np.testing.assert_array_equal(turn_features(short), turn_features(np.concatenate([np.zeros(6 * RATE, np.float32), short])))
+    np.testing.assert_array_equal(
+        turn_features(short), turn_features(np.concatenate([np.zeros(6 * RATE, np.float32), short]))
+    )
     assert not np.array_equal(turn_features(short), turn_features(long[-2 * RATE :]))
 
 
@@ -221,8 +232,10 @@ def test_yes_and_no_still_end(turn_model: SharedTurnModel, answer: str) -> None:
 @needs_espeak
 def test_interleaved_conversations_stay_independent(turn_model: SharedTurnModel, question: np.ndarray) -> None:
     audios = [join(silence(0.5), question, silence(2.5)), join(silence(1.0), said("Yes."), silence(3.0))]
-    alone = [[(t.turn_end_s, t.utterance.reason) for t in ends(audio, completion=turn_model.completion)[0]]
-             for audio in audios]
+    alone = [
+        [(t.turn_end_s, t.utterance.reason) for t in ends(audio, completion=turn_model.completion)[0]]
+        for audio in audios
+    ]
     detectors = [PauseDetector(VadOptions(), turn_model.completion) for _ in audios]
     found: list[list] = [[], []]
     frame = round(FRAME_S * RATE)
@@ -257,7 +270,7 @@ def test_real_questions_and_commands_end_well_before_the_fallback(turn_model: Sh
 
 
 def test_kennedys_sentence_with_three_pauses_is_answered_whole(turn_model: SharedTurnModel) -> None:
-    """"And so my fellow Americans, [1.2 s] ask not what your country can do for you, [1.1 s] ask what you can
+    """ "And so my fellow Americans, [1.2 s] ask not what your country can do for you, [1.1 s] ask what you can
     do [0.6 s] for your country." The model hears the first pause as an end (it sounds like one); the words
     after it continue that turn, and the later pauses are heard as unfinished."""
     rate, samples, truth = real_speech("jfk")
@@ -271,8 +284,13 @@ def test_the_bench_runs_the_apps_defaults(tmp_path: Path, turn_model: SharedTurn
     if not espeak_available():
         pytest.skip("espeak-ng is not installed")
     wav = write_wav(tmp_path / "q.wav", join(silence(0.5), said("Where is the station?"), silence(2.5)))
-    run = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "turn_latency.py"), "--wav", str(wav)],
-                         capture_output=True, text=True, check=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "bench" / "turn_latency.py"), "--wav", str(wav)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert report["chunk_secs"] == FRAME_S and report["options"]["semantic"] is True
     assert report["model_calls"] >= 1 and report["model_ms_per_call"] > 0 and len(report["turns"]) == 1

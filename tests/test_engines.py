@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from omni_server.protocol import HealthStatus
 from omni_server.engine_host import EngineHost
 from omni_server.engines import EngineChoice, EngineOptions, load_engine
+from omni_server.protocol import HealthStatus
 
 MODULE = "omni_server.mini_omni.engine"
 
@@ -60,7 +60,10 @@ def test_auto_falls_back_to_echo_when_the_download_fails_and_says_why(fake_mini_
     fake_mini_omni.fail_with = OSError("cannot reach huggingface.co")
     engine, note, reports = run(EngineChoice.AUTO)
     assert engine.name == "echo"
-    assert note == "echo engine: mini-omni is unavailable (failed while downloading checkpoint: cannot reach huggingface.co)"
+    assert (
+        note
+        == "echo engine: mini-omni is unavailable (failed while downloading checkpoint: cannot reach huggingface.co)"
+    )
     assert reports[-1][0] == "echo"
 
 

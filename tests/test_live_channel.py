@@ -22,8 +22,8 @@ from audio_files import TurnFiles
 from backend import Backend
 from live_route import LiveTokens
 from omni_client import fetch_health
-from omni_server.protocol import OUTPUT_SAMPLE_RATE
 from omni_server.echo import EchoEngine
+from omni_server.protocol import OUTPUT_SAMPLE_RATE
 from state import Conversation, Phase
 from tests.servers import serving_app, serving_engine, wait_for
 from tests.speech import espeak_available, join, silence, speak, to_int16
@@ -101,8 +101,11 @@ def test_microphone_frames_are_whole_int16_samples_within_the_limit() -> None:
     assert heard.dtype == np.dtype("<i2") and np.array_equal(heard, samples)
     assert len(wire.mic_samples(bytes(2 * wire.MAX_MIC_FRAME_SAMPLES))) == wire.MAX_MIC_FRAME_SAMPLES
     assert wire.mic_samples(b"\x01\x80").tolist() == [-32767], "little-endian"
-    for frame, says in [(b"", "1 to"), (b"\x00" * 1023, "whole 16-bit samples"),
-                        (bytes(2 * wire.MAX_MIC_FRAME_SAMPLES + 2), "1 to")]:
+    for frame, says in [
+        (b"", "1 to"),
+        (b"\x00" * 1023, "whole 16-bit samples"),
+        (bytes(2 * wire.MAX_MIC_FRAME_SAMPLES + 2), "1 to"),
+    ]:
         with pytest.raises(wire.ProtocolError, match=says):
             wire.mic_samples(frame)
 
@@ -160,8 +163,9 @@ def test_tokens_are_long_and_distinct() -> None:
     issued = [tokens.issue(Tab()) for _ in range(200)]
     assert len(set(issued)) == len(issued)
     assert min(map(len, issued)) >= 43, "32 random bytes, url-safe base64"
-    assert all(set(token) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
-               for token in issued)
+    assert all(
+        set(token) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_") for token in issued
+    )
 
 
 # --- the route, over real loopback sockets ---------------------------------------------------------------
@@ -274,8 +278,7 @@ def test_a_token_opens_one_socket_only(live_url: str, handlers: Handlers, tmp_pa
 
 @pytest.mark.parametrize(
     "first",
-    [client_message("stop"), b"\x00\x00" * wire.MIC_FRAME_SAMPLES, "not json",
-     client_message("hello")],
+    [client_message("stop"), b"\x00\x00" * wire.MIC_FRAME_SAMPLES, "not json", client_message("hello")],
 )
 def test_a_first_message_that_is_not_a_hello_is_refused(
     live_url: str, handlers: Handlers, tmp_path: Path, first: str | bytes
@@ -295,9 +298,7 @@ def test_a_socket_that_says_nothing_is_refused(live_url: str, monkeypatch: pytes
         refusal(socket)
 
 
-def test_a_conversation_already_on_another_socket_is_refused(
-    live_url: str, handlers: Handlers, tmp_path: Path
-) -> None:
+def test_a_conversation_already_on_another_socket_is_refused(live_url: str, handlers: Handlers, tmp_path: Path) -> None:
     session = new_session(tmp_path)
     with live_socket(live_url, handlers.tokens.issue(session)):
         wait_for(lambda: session.conversation.phase is Phase.LISTENING, what="the first socket's conversation")
@@ -328,8 +329,9 @@ def test_a_whole_conversation_over_the_socket(
         socket.send(client_message("stop"))
         with pytest.raises(ConnectionClosed):
             socket.recv(timeout=WAIT_S)
-    assert session.conversation.phase is Phase.STOPPED and session.conversation.notice is None, \
+    assert session.conversation.phase is Phase.STOPPED and session.conversation.notice is None, (
         "the user stopped it: no notice"
+    )
 
 
 @needs_espeak
@@ -353,8 +355,10 @@ def test_each_socket_gets_only_its_own_tabs_audio(
     live_url: str, handlers: Handlers, tmp_path: Path, greeting: np.ndarray
 ) -> None:
     first, second = new_session(tmp_path / "a"), new_session(tmp_path / "b")
-    with live_socket(live_url, handlers.tokens.issue(first)) as one, \
-            live_socket(live_url, handlers.tokens.issue(second)) as other:
+    with (
+        live_socket(live_url, handlers.tokens.issue(first)) as one,
+        live_socket(live_url, handlers.tokens.issue(second)) as other,
+    ):
         wait_for(lambda: second.conversation.phase is Phase.LISTENING, what="the second tab's conversation")
         say(one, greeting)
         other.send(bytes(2 * wire.MIC_FRAME_SAMPLES))  # its microphone streams too, silence

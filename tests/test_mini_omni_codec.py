@@ -28,7 +28,6 @@ from omni_server.mini_omni.text import TextStreamer
 from tests import mini_omni_helpers as helpers
 from tests.mini_omni_helpers import all_frames, golden_noise, golden_steps, load_golden, pcm, trained_tokenizer
 
-
 one_torch_thread = pytest.fixture(scope="module", autouse=True)(helpers.one_torch_thread)
 
 

@@ -303,8 +303,10 @@ def test_a_hub_download_reports_the_bytes_its_folder_gains_against_the_files_siz
 
     def fake_snapshot_download(repo: str, *, local_dir, allow_patterns, dry_run: bool = False):
         if dry_run:
-            return [DryRunFileInfo("abc", 2_000_000, "model_config.yaml", str(local / "model_config.yaml"), True, False),
-                    DryRunFileInfo("abc", 3_000_000, "lit_model.pth", str(local / "lit_model.pth"), False, True)]
+            return [
+                DryRunFileInfo("abc", 2_000_000, "model_config.yaml", str(local / "model_config.yaml"), True, False),
+                DryRunFileInfo("abc", 3_000_000, "lit_model.pth", str(local / "lit_model.pth"), False, True),
+            ]
         with (local / "lit_model.pth.incomplete").open("wb") as part:
             for _ in range(6):
                 part.write(b"w" * 500_000)

@@ -172,7 +172,11 @@ def dense(tensor: torch.Tensor) -> torch.Tensor:
 
 def load_tiny(directory: Path, dtype: torch.dtype = torch.float32) -> MiniOmniModel:
     return MiniOmniModel.load(
-        directory / checkpoint.GPT_FILE, directory / checkpoint.CONFIG_FILE, directory / checkpoint.WHISPER_FILE, "cpu", dtype
+        directory / checkpoint.GPT_FILE,
+        directory / checkpoint.CONFIG_FILE,
+        directory / checkpoint.WHISPER_FILE,
+        "cpu",
+        dtype,
     )
 
 
@@ -206,7 +210,11 @@ def test_tied_head_uses_wte_like_the_reference(tiny_dir: Path, tmp_path: Path) -
     state["lm_head.weight"] = torch.zeros_like(state["lm_head.weight"])
     torch.save(state, tmp_path / checkpoint.GPT_FILE)
     model = MiniOmniModel.load(
-        tmp_path / checkpoint.GPT_FILE, tiny_dir / checkpoint.CONFIG_FILE, tiny_dir / checkpoint.WHISPER_FILE, "cpu", torch.float32
+        tmp_path / checkpoint.GPT_FILE,
+        tiny_dir / checkpoint.CONFIG_FILE,
+        tiny_dir / checkpoint.WHISPER_FILE,
+        "cpu",
+        torch.float32,
     )
     assert torch.equal(model.gpt.transformer.wte.weight, state["transformer.wte.weight"])
 

@@ -15,9 +15,9 @@ import requests
 import soxr
 
 from omni_server.echo import EchoEngine
-from omni_server.protocol import HealthStatus
 from omni_server.engine_host import EngineHost
 from omni_server.http_app import create_app
+from omni_server.protocol import HealthStatus
 from tests.servers import PIECE, ScriptedEngine, serving_app, serving_engine, serving_while_loading, tone, wait_for
 from tests.speech import silence, to_int16, wav_bytes
 
@@ -44,7 +44,11 @@ BAD_REQUESTS = [
     (json.dumps({"audio": 12}).encode(), 400, "base64 string"),
     (json.dumps({"audio": "UklGRg==!!"}).encode(), 400, "not valid base64"),
     (json.dumps({"audio": "UklGR"}).encode(), 400, "not valid base64"),
-    (json.dumps({"audio": base64.b64encode(b"this is not audio at all").decode()}).encode(), 422, "could not be decoded"),
+    (
+        json.dumps({"audio": base64.b64encode(b"this is not audio at all").decode()}).encode(),
+        422,
+        "could not be decoded",
+    ),
     (json.dumps(chat_body(stream_stride="4")).encode(), 400, "whole number"),
     (json.dumps(chat_body(stream_stride=4.0)).encode(), 400, "whole number"),
     (json.dumps(chat_body(stream_stride=True)).encode(), 400, "whole number"),
@@ -55,8 +59,11 @@ BAD_REQUESTS = [
     (json.dumps(chat_body(silence(0))).encode(), 422, "no sound samples"),
     (b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply"),
     (b'{"audio": "UklGRg==", "max_tokens": ' + b"9" * 5_000 + b"}", 400, "number too long"),
-    (json.dumps({"audio": base64.b64encode(b"ffconcat version 1.0\nfile 'x.wav'\n").decode()}).encode(), 422,
-     "could not be decoded"),
+    (
+        json.dumps({"audio": base64.b64encode(b"ffconcat version 1.0\nfile 'x.wav'\n").decode()}).encode(),
+        422,
+        "could not be decoded",
+    ),
 ]
 
 
@@ -80,13 +87,17 @@ def trimmed_answers(echo_url: str) -> None:
         assert response.status_code == 200 and response.headers["x-omni-input-trimmed-to-s"] == "30"
         assert abs(len(response.content) / 2 / 24_000 - 30.0) < 0.5, "the echo of the first 30 s"
     multipart = requests.post(f"{echo_url}/chat", json=chat_body(silence(31.0), stream_text=True), timeout=TIMEOUT)
-    assert b"Content-Type: text/plain\r\n\r\n(Only the first 30 seconds of your question were heard.)" in multipart.content
+    assert (
+        b"Content-Type: text/plain\r\n\r\n(Only the first 30 seconds of your question were heard.)" in multipart.content
+    )
     whole = requests.post(f"{echo_url}/chat", json=chat_body(silence(29.0)), timeout=TIMEOUT)
     assert "x-omni-input-trimmed-to-s" not in whole.headers
 
 
 def test_thirty_seconds_exactly_is_accepted(echo_url: str) -> None:
-    response = requests.post(f"{echo_url}/chat", json=chat_body(silence(30.0), stream_stride=64), stream=True, timeout=TIMEOUT)
+    response = requests.post(
+        f"{echo_url}/chat", json=chat_body(silence(30.0), stream_stride=64), stream=True, timeout=TIMEOUT
+    )
     assert response.status_code == 200
     response.close()
 
@@ -112,6 +123,7 @@ def test_engine_check_rejection_is_422() -> None:
 
 # --- the echo engine over HTTP ---------------------------------------------------------------------
 
+
 def test_echo_streams_raw_pcm_paced_like_the_model(echo_url: str) -> None:
     speech = tone(1.2)
     started = time.monotonic()
@@ -122,7 +134,9 @@ def test_echo_streams_raw_pcm_paced_like_the_model(echo_url: str) -> None:
     for chunk in response.iter_content(16384):
         arrivals.append(time.monotonic() - started)
         body += chunk
-    as_decoded = to_int16(speech).astype(np.float32) / 32768  # the WAV's samples, as the server's ffmpeg step reads them
+    as_decoded = (
+        to_int16(speech).astype(np.float32) / 32768
+    )  # the WAV's samples, as the server's ffmpeg step reads them
     expected = (np.clip(soxr.resample(as_decoded, 16_000, 24_000), -1, 1) * 32767).round().astype("<i2").tobytes()
     assert body == expected  # every sample, including the last partial piece
     assert len(body) == 2 * round(1.2 * 24_000)
@@ -138,8 +152,12 @@ def test_echo_multipart_has_text_and_audio_parts_in_mini_omni2_framing(echo_url:
     assert parts[0] == b""  # every part is preceded by the delimiter, nothing before the first
     headers_and_data = [part.split(b"\r\n\r\n", 1) for part in parts[1:]]
     kinds = [header for header, _ in headers_and_data]
-    assert kinds == [b"Content-Type: application/json", b"Content-Type: text/plain",
-                     b"Content-Type: audio/wav", b"Content-Type: audio/wav"]
+    assert kinds == [
+        b"Content-Type: application/json",
+        b"Content-Type: text/plain",
+        b"Content-Type: audio/wav",
+        b"Content-Type: audio/wav",
+    ]
     assert json.loads(headers_and_data[0][1]) == {"queue_position": 0}
     assert headers_and_data[1][1] == b"(echo) 0.5 s of speech"
     audio = b"".join(data for header, data in headers_and_data if header.endswith(b"audio/wav"))
@@ -147,6 +165,7 @@ def test_echo_multipart_has_text_and_audio_parts_in_mini_omni2_framing(echo_url:
 
 
 # --- failures while streaming --------------------------------------------------------------------
+
 
 def test_engine_failure_after_first_audio_cuts_the_chunked_stream_short() -> None:
     engine = ScriptedEngine(pieces=5, fail_after=2)
@@ -188,6 +207,7 @@ def test_engine_with_no_audio_is_a_500_json_error() -> None:
 
 
 # --- one at a time, in arrival order ---------------------------------------------------------------
+
 
 def health(url: str) -> dict:
     return requests.get(f"{url}/health", timeout=TIMEOUT).json()
@@ -231,8 +251,9 @@ def test_the_place_in_line_is_taken_on_arrival_not_after_decoding(monkeypatch: p
     monkeypatch.setattr(http_app, "decode_request", slow_for_the_first)
     engine = ScriptedEngine(pieces=1)
     with serving_engine(engine) as url:
-        first = threading.Thread(target=requests.post, args=(f"{url}/chat",),
-                                 kwargs={"json": chat_body(max_tokens=101), "timeout": TIMEOUT})
+        first = threading.Thread(
+            target=requests.post, args=(f"{url}/chat",), kwargs={"json": chat_body(max_tokens=101), "timeout": TIMEOUT}
+        )
         first.start()
         wait_for(lambda: health(url)["busy"], what="the first request in line while it decodes")
         requests.post(f"{url}/chat", json=chat_body(max_tokens=102), timeout=TIMEOUT)
@@ -243,14 +264,18 @@ def test_the_place_in_line_is_taken_on_arrival_not_after_decoding(monkeypatch: p
 def test_a_waiting_multipart_request_hears_its_place_in_line() -> None:
     engine = ScriptedEngine(pieces=8, delay=0.2)
     with serving_engine(engine) as url:
-        first = threading.Thread(target=requests.post, args=(f"{url}/chat",),
-                                 kwargs={"json": chat_body(), "timeout": TIMEOUT})
+        first = threading.Thread(
+            target=requests.post, args=(f"{url}/chat",), kwargs={"json": chat_body(), "timeout": TIMEOUT}
+        )
         first.start()
         wait_for(lambda: health(url)["busy"], what="first request running")
         response = requests.post(f"{url}/chat", json=chat_body(stream_text=True), timeout=TIMEOUT)
         first.join(timeout=10)
-    statuses = [json.loads(part.split(b"\r\n\r\n", 1)[1]) for part in response.content.split(b"\r\n--frame\r\n")
-                if part.startswith(b"Content-Type: application/json")]
+    statuses = [
+        json.loads(part.split(b"\r\n\r\n", 1)[1])
+        for part in response.content.split(b"\r\n--frame\r\n")
+        if part.startswith(b"Content-Type: application/json")
+    ]
     assert statuses[0] == {"queue_position": 1}
     assert statuses[-1] == {"queue_position": 0}
     assert len(statuses) >= 3  # repeated about every second while waiting (the first takes 1.6 s)
@@ -275,8 +300,9 @@ def test_a_client_that_hangs_up_frees_the_turn() -> None:
 def test_a_client_that_hangs_up_while_queued_leaves_the_line() -> None:
     engine = ScriptedEngine(pieces=10, delay=0.1)
     with serving_engine(engine) as url:
-        first = threading.Thread(target=requests.post, args=(f"{url}/chat",),
-                                 kwargs={"json": chat_body(max_tokens=1), "timeout": TIMEOUT})
+        first = threading.Thread(
+            target=requests.post, args=(f"{url}/chat",), kwargs={"json": chat_body(max_tokens=1), "timeout": TIMEOUT}
+        )
         first.start()
         wait_for(lambda: health(url)["busy"], what="first request running")
         with pytest.raises(requests.exceptions.ReadTimeout):
@@ -294,12 +320,15 @@ def test_a_client_that_stops_reading_does_not_hold_the_turn() -> None:
         port = int(url.rsplit(":", 1)[1])
         body = json.dumps(chat_body(max_tokens=1)).encode()
         with socket.create_connection(("127.0.0.1", port), timeout=5) as stuck:
-            stuck.sendall(b"POST /chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                          b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            stuck.sendall(
+                b"POST /chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(body) + body
+            )
             wait_for(lambda: engine.served == [1], what="the stuck request to start")
             # It never reads, yet its generation completes and the next request is served.
-            second = requests.post(f"{url}/chat", json=chat_body(max_tokens=2, stream_stride=1), stream=True,
-                                   timeout=TIMEOUT)
+            second = requests.post(
+                f"{url}/chat", json=chat_body(max_tokens=2, stream_stride=1), stream=True, timeout=TIMEOUT
+            )
             assert second.status_code == 200
             second.close()
     assert engine.served == [1, 2]
@@ -307,17 +336,25 @@ def test_a_client_that_stops_reading_does_not_hold_the_turn() -> None:
 
 # --- health -----------------------------------------------------------------------------------------
 
+
 def test_a_question_asked_while_loading_waits_and_is_answered_once_ready() -> None:
     with serving_while_loading("loading weights", note="echo engine: chosen by the test") as (url, release):
-        assert health(url) == {"status": "loading", "engine": "mini-omni", "detail": "loading weights",
-                               "busy": False, "waiting": 0}
+        assert health(url) == {
+            "status": "loading",
+            "engine": "mini-omni",
+            "detail": "loading weights",
+            "busy": False,
+            "waiting": 0,
+        }
         answers: dict[str, requests.Response] = {}
 
         def ask(kind: str, body: dict) -> None:
             answers[kind] = requests.post(f"{url}/chat", json=body, timeout=TIMEOUT)
 
-        asking = [threading.Thread(target=ask, args=("raw", chat_body())),
-                  threading.Thread(target=ask, args=("multipart", chat_body(stream_text=True)))]
+        asking = [
+            threading.Thread(target=ask, args=("raw", chat_body())),
+            threading.Thread(target=ask, args=("multipart", chat_body(stream_text=True))),
+        ]
         for thread in asking:
             thread.start()
         wait_for(lambda: health(url)["waiting"] == 1, what="both questions waiting")
@@ -344,8 +381,9 @@ def test_a_question_waiting_for_a_load_that_fails_is_told_why() -> None:
     with serving_app(create_app(host)) as url:
         host.start_loading()
         answers: dict[str, requests.Response] = {}
-        asking = threading.Thread(target=lambda: answers.setdefault(
-            "raw", requests.post(f"{url}/chat", json=chat_body(), timeout=TIMEOUT)))
+        asking = threading.Thread(
+            target=lambda: answers.setdefault("raw", requests.post(f"{url}/chat", json=chat_body(), timeout=TIMEOUT))
+        )
         asking.start()
         wait_for(lambda: health(url)["busy"], what="the question waiting")
         release.set()
@@ -376,8 +414,10 @@ def test_a_body_that_stops_arriving_is_dropped_and_frees_the_line(monkeypatch: p
     with serving_engine(EchoEngine()) as url:
         port = int(url.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port), timeout=5) as slow:
-            slow.sendall(b"POST /chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         b'Content-Length: 1000\r\n\r\n{"audio": "')
+            slow.sendall(
+                b"POST /chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 1000\r\n\r\n{"audio": "'
+            )
             wait_for(lambda: health(url)["busy"], what="the slow request in line")
             answer = b""
             while b"}" not in answer:  # the headers and the JSON body may come in separate reads

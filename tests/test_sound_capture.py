@@ -13,11 +13,21 @@ import pytest
 from tests.sound_capture import Recording, private_pulse, pulse_tools_missing, recording
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
-MISSING = (pulse_tools_missing() or (None if Path(CHROMIUM).exists() else f"{CHROMIUM} is not installed")
-           or (None if importlib.util.find_spec("playwright") else "playwright is not installed"))
+MISSING = (
+    pulse_tools_missing()
+    or (None if Path(CHROMIUM).exists() else f"{CHROMIUM} is not installed")
+    or (None if importlib.util.find_spec("playwright") else "playwright is not installed")
+)
 pytestmark = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
 
 # Plays 440 Hz tones [(start, stop) in seconds from now] and returns the wall time of the `start()` calls: Date.now()
@@ -44,8 +54,9 @@ def listening() -> Iterator[tuple[Recording, object]]:
     from playwright.sync_api import sync_playwright
 
     with private_pulse() as pulse, recording(pulse) as heard, sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS,
-                                             **pulse.chromium_launch_kwargs())
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, args=CHROMIUM_FLAGS, **pulse.chromium_launch_kwargs()
+        )
         page = browser.new_page()
         page.set_content("<title>tones</title>")
         yield heard, page
@@ -67,9 +78,11 @@ def test_a_tone_is_heard_when_and_as_long_as_the_page_plays_it(listening, tmp_pa
     assert onset is not None, "the tone was not heard"
     stopped = heard.sound_stopped_after(onset)
     assert stopped is not None
-    print(f"\ntone heard {1000 * (onset - at):+.1f} ms after osc.start(), lasted {1000 * (stopped - onset):.1f} ms; "
-          f"Chromium reports outputLatency {1000 * played['outputLatency']:.1f} ms, "
-          f"baseLatency {1000 * played['baseLatency']:.1f} ms")
+    print(
+        f"\ntone heard {1000 * (onset - at):+.1f} ms after osc.start(), lasted {1000 * (stopped - onset):.1f} ms; "
+        f"Chromium reports outputLatency {1000 * played['outputLatency']:.1f} ms, "
+        f"baseLatency {1000 * played['baseLatency']:.1f} ms"
+    )
     assert -0.02 < onset - at < 0.15
     assert heard.level_db(at - 0.3, at) < -90, "something played before the tone"
     gaps = heard.gaps(onset + 0.01, stopped - 0.01)
@@ -88,9 +101,11 @@ def test_a_40_ms_gap_between_two_tones_is_found(listening) -> None:
 
     onset = heard.first_sound_after(at - 0.3)
     gaps = heard.gaps(onset, onset + 0.44)
-    print("\ngaps (start after onset, length) in ms:", [(round(1000 * (a - onset), 1), round(1000 * (b - a), 1))
-                                                      for a, b in gaps])
+    print(
+        "\ngaps (start after onset, length) in ms:",
+        [(round(1000 * (a - onset), 1), round(1000 * (b - a), 1)) for a, b in gaps],
+    )
     assert len(gaps) == 1
-    (gap_start, gap_end), = gaps
+    ((gap_start, gap_end),) = gaps
     assert abs(gap_start - onset - 0.2) < 0.015 and abs(gap_end - gap_start - 0.04) < 0.003
     assert heard.gaps(onset, onset + 0.44, min_gap_s=0.05) == []

@@ -198,6 +198,9 @@ def test_reply_files_and_figures(tmp_path) -> None:
     assert abs(len(AudioSegment.from_file(mp3, format="mp3")) - 1000) < 60, "one second of reply, one MP3"
     messages = assistant_turn(mp3, " hi ", TurnFigures(1.234, 1.0))
     assert [m["content"] if isinstance(m["content"], str) else "audio" for m in messages] == [
-        "audio", "hi", "*1.23 s to first sound · 1.0 s reply*"]
+        "audio",
+        "hi",
+        "*1.23 s to first sound · 1.0 s reply*",
+    ]
     files.delete()
     assert not files.folder.exists()

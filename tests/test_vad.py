@@ -119,7 +119,9 @@ def test_two_questions_apart_give_two_turns(
 
 
 @pytest.mark.parametrize("chunk_secs", [0.25, 0.5])
-def test_turn_ends_within_pause_plus_one_chunk(detector: PauseDetector, question: np.ndarray, chunk_secs: float) -> None:
+def test_turn_ends_within_pause_plus_one_chunk(
+    detector: PauseDetector, question: np.ndarray, chunk_secs: float
+) -> None:
     audio = join(silence(1.0), question, silence(3.0))
     _, speech_end = voiced_span(question, 1.0)
     turns = turns_in_recording(RATE, audio, chunk_secs, detector)
@@ -333,7 +335,10 @@ def test_turn_latency_bench_reports_the_turns(tmp_path, question: np.ndarray, se
     bench = REPO_ROOT / "bench" / "turn_latency.py"
     run = subprocess.run(
         [sys.executable, str(bench), "--wav", str(wav), "--no-semantic", "--chunk-secs", "0.25", "--pause-secs", "0.7"],
-        capture_output=True, text=True, check=True, timeout=120,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
     )
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert report["options"]["pause_secs"] == 0.7 and report["chunk_secs"] == 0.25
@@ -343,7 +348,9 @@ def test_turn_latency_bench_reports_the_turns(tmp_path, question: np.ndarray, se
         assert turn["speech_start_s"] < end < turn["turn_end_s"] <= end + 0.7 + 0.25 + 0.2
     assert report["vad_cpu_ms_per_audio_s"] > 0
 
-    bad = subprocess.run([sys.executable, str(bench), "--wav", str(tmp_path / "missing.wav")], capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, str(bench), "--wav", str(tmp_path / "missing.wav")], capture_output=True, text=True
+    )
     assert bad.returncode != 0 and "cannot use" in bad.stderr and "Traceback" not in bad.stderr
 
 

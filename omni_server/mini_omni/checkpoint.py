@@ -108,16 +108,17 @@ def hub_download(
 
     plan = snapshot_download(repo, local_dir=local_dir, allow_patterns=allow_patterns, dry_run=True)
     total = sum(file.file_size or 0 for file in plan if file.will_download)
-    folder = Path(local_dir) if local_dir is not None else (
-        Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo, repo_type="model"))
+    folder = (
+        Path(local_dir)
+        if local_dir is not None
+        else (Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo, repo_type="model"))
+    )
     with folder_growth(folder, repo.split("/")[-1], total, progress, PROGRESS_EVERY_S):
         return Path(snapshot_download(repo, local_dir=local_dir, allow_patterns=allow_patterns))
 
 
 @contextmanager
-def folder_growth(
-    folder: Path, name: str, total: int, progress: Progress, every_s: float
-) -> Iterator[None]:
+def folder_growth(folder: Path, name: str, total: int, progress: Progress, every_s: float) -> Iterator[None]:
     """While the body runs, report the bytes `folder` has gained ("downloading NAME: X of Y MB") whenever
     the megabyte count changes, checking every `every_s`; the last line is said when the body ends."""
     start = _bytes_in(folder)

@@ -399,4 +399,3 @@ class SeamlessStreamer:
         frames = self._frames.frames(first, self._usable)
         self._sent_samples = end
         yield pcm_rounded(self._codec.decode(frames, first, self._noise, region=(start, end)))
-

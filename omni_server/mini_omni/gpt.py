@@ -215,7 +215,6 @@ class GPT(nn.Module):
         return Selection(tuple(audio), text)
 
 
-
 def load_gpt(path: Path, config: GPTConfig, device: str | torch.device, dtype: torch.dtype) -> GPT:
     """Load `lit_model.pth` tensor by tensor onto `device`/`dtype`, never holding two full copies.
 
