@@ -40,7 +40,7 @@ import threading  # noqa: E402
 import time  # noqa: E402
 from collections.abc import AsyncIterator  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
-from typing import NamedTuple  # noqa: E402
+from typing import Literal, NamedTuple, TypedDict  # noqa: E402
 
 import gradio as gr  # noqa: E402
 import uvicorn  # noqa: E402
@@ -345,6 +345,13 @@ def outputs(fields: tuple[str, ...], components: dict[str, gr.components.Compone
     return [components[name] for name in fields]
 
 
+class QuietEvent(TypedDict):
+    """Event options of the page's own events: kept out of the API, shown without a progress overlay."""
+
+    api_visibility: Literal["private"]
+    show_progress: Literal["hidden"]
+
+
 def build_demo(handlers: Handlers) -> gr.Blocks:
     """The page, wired to `handlers`; a function so tests can build it around a backend of their own."""
     ttl = round(FILE_TTL_S)
@@ -391,13 +398,14 @@ def build_demo(handlers: Handlers) -> gr.Blocks:
         token = gr.Textbox(visible="hidden", elem_id="live-token")
         server_timer = gr.Timer(SERVER_CHECK_S)
 
-        quiet = {"api_visibility": "private", "show_progress": "hidden"}
+        quiet: QuietEvent = {"api_visibility": "private", "show_progress": "hidden"}
         shown = {"session": session, "status": status, "server": server_info, "chatbot": chatbot, "token": token}
         demo.load(handlers.page_loaded, None, outputs(PageOpened._fields, shown), **quiet)
         demo.unload(handlers.page_closed)
         server_timer.tick(handlers.server_tick, [session], outputs(ServerView._fields, shown), **quiet)
-        options = [session, patience, semantic, pause_secs, start_secs, barge_in]
-        for option in options[1:]:
+        changeable: list[gr.Radio | gr.Checkbox | gr.Slider] = [patience, semantic, pause_secs, start_secs, barge_in]
+        options = [session, *changeable]
+        for option in changeable:
             option.change(handlers.options_changed, options, None, **quiet)
         start.click(None, None, None, js=PREPARE_JS)
         following = start.click(

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -108,7 +109,10 @@ def _turn(message: dict) -> int:
     return turn
 
 
-def _field(message: dict, name: str, kind: type | tuple[type, ...]) -> object:
+_T = TypeVar("_T")
+
+
+def _field(message: dict, name: str, kind: type[_T] | tuple[type[_T], ...]) -> _T:
     value = message.get(name)
     if isinstance(value, bool) and kind is not bool:  # JSON true is not a number here
         value = None

@@ -68,9 +68,11 @@ def add_live_route(app: FastAPI, tokens: LiveTokens[S], make_link: MakeLink[S], 
             return
         loop = asyncio.get_running_loop()
         outbox: asyncio.Queue[str | bytes] = asyncio.Queue()
-        link = await asyncio.to_thread(
-            make_link, session, lambda message: loop.call_soon_threadsafe(outbox.put_nowait, message)
-        )
+
+        def send(message: str | bytes) -> None:
+            loop.call_soon_threadsafe(outbox.put_nowait, message)
+
+        link = await asyncio.to_thread(make_link, session, send)
         if link is None:
             await _refuse(socket, "This tab's conversation is already running in another connection.")
             return

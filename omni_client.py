@@ -114,7 +114,7 @@ def stream_reply(
     whatever audio arrived. When `cancel` is set, the generator returns at once (no error) and the connection
     is closed, which frees the server for the next request.
     """
-    payload = {"audio": base64.b64encode(wav).decode("ascii")}
+    payload: dict[str, object] = {"audio": base64.b64encode(wav).decode("ascii")}
     if stream_text:
         payload["stream_text"] = True
     exchange = _Exchange(f"{server_url.rstrip('/')}/chat", payload, connect_timeout_s, stall_timeout_s)
@@ -188,13 +188,16 @@ def _interpret(events: Iterator[tuple[str, object]], server_url: str, stall_time
         for kind, value in events:
             if kind == _HEAD:
                 answered = True
-                response: requests.Response = value  # type: ignore[assignment]
+                response = value
+                assert isinstance(response, requests.Response)  # the worker's head is the Response
                 if response.status_code != 200:
                     raise _http_error(response.status_code, response.reason, response.headers, _rest(events))
                 parser = _parser_for(response.headers.get("Content-Type", ""))
             elif kind == _DATA:
-                yield from parser.feed(value)  # type: ignore[arg-type]
+                assert parser is not None and isinstance(value, bytes)  # data comes after the head, as bytes
+                yield from parser.feed(value)
             else:
+                assert parser is not None  # the end comes after the head
                 yield from parser.finish()
     except (requests.exceptions.ConnectTimeout, requests.exceptions.ConnectionError) as error:
         if isinstance(error, requests.exceptions.ConnectTimeout) or _never_connected(error):
@@ -235,7 +238,8 @@ def _rest(events: Iterator[tuple[str, object]]) -> bytes:
     try:
         for kind, value in events:
             if kind == _DATA:
-                body += value  # type: ignore[operator]
+                assert isinstance(value, bytes)  # data pieces are bytes
+                body += value
                 if len(body) >= ERROR_BODY_LIMIT:
                     break
     except Exception:

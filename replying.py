@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from contextlib import AbstractContextManager, closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,7 +128,7 @@ def answer(
 
 def _request_reply(
     server: ModelServer, wav: bytes, settings: ReplySettings, cancel: threading.Event | None = None
-) -> Iterator[omni_client.ReplyEvent]:
+) -> Generator[omni_client.ReplyEvent, None, None]:
     """The one way the app asks for a reply: the settings' timeouts, and the reply's text when the server has it."""
     with server.answering():
         yield from omni_client.stream_reply(

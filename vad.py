@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, TypedDict
 
 import numpy as np
 import onnxruntime
@@ -125,9 +125,16 @@ class VadOptions:
             )
 
 
+class PatienceOptions(TypedDict):
+    """The VadOptions fields that one "When to answer" choice sets."""
+
+    completion_threshold: float
+    fallback_secs: float
+
+
 # The page's "When to answer": how sure the end-of-turn model must be that a turn is complete, and the silence
 # that ends a turn whatever it says. "balanced" is VadOptions' defaults (README: "When does a turn end").
-PATIENCE: dict[str, dict[str, float]] = {
+PATIENCE: dict[str, PatienceOptions] = {
     "quick": {"completion_threshold": 0.4, "fallback_secs": 1.2},
     "balanced": {"completion_threshold": 0.5, "fallback_secs": 1.5},
     "patient": {"completion_threshold": 0.8, "fallback_secs": 2.0},

@@ -11,9 +11,13 @@ import enum
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omni_server.echo import EchoEngine
 from omni_server.engine import Engine, LoadReport
+
+if TYPE_CHECKING:
+    from omni_server.mini_omni.engine import MiniOmniEngine
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +65,7 @@ def load_engine(options: EngineOptions, report: LoadReport) -> tuple[Engine, str
     return engine, f"mini-omni{where} ({engine.device.type}, {str(engine.dtype).removeprefix('torch.')})"
 
 
-def _load_mini_omni(options: EngineOptions, report: LoadReport) -> Engine:
+def _load_mini_omni(options: EngineOptions, report: LoadReport) -> MiniOmniEngine:
     report(MINI_OMNI, "importing the mini-omni engine")
     from omni_server.mini_omni.engine import MiniOmniEngine  # here, so this module imports without it
 

@@ -17,7 +17,7 @@ import dataclasses
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -197,7 +197,7 @@ class _Writer:
         self._gone = gone
         self.started = False
 
-    async def start(self, status: int, content_type: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    async def start(self, status: int, content_type: str, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
         await self._deliver(
             {
                 "type": "http.response.start",
@@ -245,7 +245,9 @@ class ReplyStream(Response):
         self._turns = turns
         self._ticket = ticket  # taken when the request arrived
         self._multipart = request.stream_text
-        self._headers = [(TRIMMED_HEADER.encode(), str(round(MAX_INPUT_SECONDS)).encode())] if request.trimmed else []
+        self._extra_headers = (
+            [(TRIMMED_HEADER.encode(), str(round(MAX_INPUT_SECONDS)).encode())] if request.trimmed else []
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         gone = asyncio.Event()
@@ -255,7 +257,7 @@ class ReplyStream(Response):
         try:
             writer = _Writer(send, gone)
             if self._multipart:
-                await writer.start(200, MULTIPART_TYPE, self._headers)
+                await writer.start(200, MULTIPART_TYPE, self._extra_headers)
                 if self._request.trimmed:
                     await writer.part("text/plain", TRIMMED_NOTE.encode())
             engine = await self._wait_ready(writer, gone)
@@ -323,7 +325,7 @@ class ReplyStream(Response):
                 continue
             if isinstance(item, AudioPiece):
                 if not writer.started:
-                    await writer.start(200, RAW_AUDIO_TYPE, self._headers)
+                    await writer.start(200, RAW_AUDIO_TYPE, self._extra_headers)
                 await (writer.part(RAW_AUDIO_TYPE, item.pcm) if self._multipart else writer.body(item.pcm))
             elif isinstance(item, TextPiece):
                 if self._multipart:

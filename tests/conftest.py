@@ -18,6 +18,13 @@ SHARED_DIR = REPO_ROOT.parent / "shared"
 os.environ[DOWNLOAD_VARIABLE] = "0"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that reads the reference's recorded outputs (through `shared_dir`) is a `golden` test."""
+    for item in items:
+        if "shared_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.golden)
+
+
 @pytest.fixture(scope="session")
 def turn_model():
     """The real end-of-turn model (Smart Turn v3.2), loaded once; skipped where its weights were not fetched

@@ -203,6 +203,7 @@ def reply_seconds(pcm: bytes) -> float:
     return len(pcm) / 2 / OUTPUT_SAMPLE_RATE
 
 
+@pytest.mark.slow
 def test_a_whole_turn_with_the_echo_server(tmp_path: Path, question: np.ndarray, echo_url: str) -> None:
     handlers = Handlers(Backend(server_url=echo_url))
     tab = Tab.opened(handlers, new_session(tmp_path))
@@ -266,6 +267,7 @@ def test_a_failed_reply_keeps_the_turn_says_why_and_listens_again(
     assert tab.talk(question)["turn"] == 2, "the conversation goes on"
 
 
+@pytest.mark.slow
 def test_a_stall_after_some_audio_keeps_that_audio(tmp_path: Path, question: np.ndarray) -> None:
     piece = (np.sin(np.arange(8192) / 10) * 8000).astype("<i2").tobytes()  # 341 ms
     with ReferenceServer(Script(Behaviour.STALL, pieces=[piece, piece])) as server:
@@ -318,6 +320,7 @@ def test_an_unforeseen_failure_is_still_a_sentence_and_keeps_the_turn(
     assert tab.conversation.phase is Phase.LISTENING, "the conversation is not stuck waiting for the reply"
 
 
+@pytest.mark.slow
 def test_a_removed_audio_folder_is_made_again(tmp_path: Path, question: np.ndarray, echo_url: str) -> None:
     """A temp-file cleaner may remove the session's folder during a long conversation: nothing is lost."""
     handlers, session = Handlers(Backend(server_url=echo_url)), new_session(tmp_path)
@@ -330,6 +333,7 @@ def test_a_removed_audio_folder_is_made_again(tmp_path: Path, question: np.ndarr
     assert Path(reply_mp3["path"]).exists()
 
 
+@pytest.mark.slow
 def test_an_unwritable_audio_folder_still_answers_the_turn(
     tmp_path: Path, question: np.ndarray, echo_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -412,6 +416,7 @@ def test_a_queued_turn_that_is_stopped_leaves_the_line_at_once(tmp_path: Path, q
         first.link.close()
 
 
+@pytest.mark.slow
 def test_the_user_cuts_in_over_the_reply(tmp_path: Path, question: np.ndarray, echo_url: str) -> None:
     handlers, session = Handlers(Backend(server_url=echo_url)), new_session(tmp_path)
     tab = Tab.opened(handlers, session)
@@ -437,6 +442,7 @@ def test_the_user_cuts_in_over_the_reply(tmp_path: Path, question: np.ndarray, e
     assert wav_seconds(tab.user_wav(2)) > len(words) / 16_000, "the turn that cut in keeps its first syllable"
 
 
+@pytest.mark.slow
 def test_without_barge_in_talking_over_the_reply_does_not_cut_it(
     tmp_path: Path, question: np.ndarray, echo_url: str
 ) -> None:
@@ -453,6 +459,7 @@ def test_without_barge_in_talking_over_the_reply_does_not_cut_it(
     assert "cut in" not in messages(session.conversation.history, "assistant")[-1]
 
 
+@pytest.mark.slow
 def test_two_tabs_keep_their_own_turns(tmp_path: Path, long_question: np.ndarray, echo_url: str) -> None:
     handlers = Handlers(Backend(server_url=echo_url))
     tabs = [Tab.opened(handlers, new_session(tmp_path / "a")), Tab.opened(handlers, new_session(tmp_path / "b"))]
@@ -493,6 +500,7 @@ def test_a_frame_that_is_not_audio_is_refused(tmp_path: Path) -> None:
     assert tab.conversation.phase is Phase.LISTENING and tab.received == [], "the refused frames changed nothing"
 
 
+@pytest.mark.slow
 def test_the_chat_api_with_gradio_client(tmp_path: Path, question: np.ndarray, echo_url: str) -> None:
     from gradio_client import Client, handle_file
 
@@ -510,6 +518,7 @@ def test_the_chat_api_with_gradio_client(tmp_path: Path, question: np.ndarray, e
     assert abs(mp3_seconds(reply_path) - len(question) / 16_000) < 0.15
 
 
+@pytest.mark.slow
 def test_a_tab_waiting_for_the_server_says_it_is_queued(
     tmp_path: Path, question: np.ndarray, long_question: np.ndarray, echo_url: str
 ) -> None:
@@ -549,6 +558,7 @@ def drain(outputs: AsyncIterator[ConversationView], into: list[ConversationView]
     assert not follower.is_alive(), "the handler never ended"
 
 
+@pytest.mark.slow
 def test_start_hands_the_page_a_token_then_follows_the_conversation_until_it_stops(
     tmp_path: Path, question: np.ndarray, echo_url: str
 ) -> None:
@@ -623,6 +633,7 @@ def test_start_says_so_when_the_page_opens_no_link(tmp_path: Path, monkeypatch: 
     assert session.conversation.phase is Phase.IDLE
 
 
+@pytest.mark.slow
 def test_the_launched_server_reports_progress_restarts_when_it_dies_and_stops_with_the_app() -> None:
     backend = Backend(server_url=None, engine="echo")
     try:
@@ -645,6 +656,7 @@ def test_the_launched_server_reports_progress_restarts_when_it_dies_and_stops_wi
     assert processes.wait_gone(restarted, timeout_s=10), "closing the app stops the server"
 
 
+@pytest.mark.slow
 def test_without_its_end_of_turn_model_the_page_says_turns_end_on_silence(tmp_path: Path, echo_url: str) -> None:
     missing = SharedTurnModel(tmp_path / "absent.onnx", fetch=False).load_now()
     handlers = Handlers(Backend(server_url=echo_url), turn_model=missing)
@@ -666,6 +678,7 @@ def test_without_its_end_of_turn_model_the_page_says_turns_end_on_silence(tmp_pa
     assert "unavailable" not in handlers.stop(session).status, "no such note when the model is turned off"
 
 
+@pytest.mark.slow
 def test_a_turn_the_model_ended_too_soon_is_cut_in_on_and_answered_whole(tmp_path: Path, echo_url: str) -> None:
     """The model judges every pause finished (scripted): "I would like to" is answered, the user goes on, that
     reply is silenced, and the next turn holds the whole sentence."""
@@ -680,6 +693,7 @@ def test_a_turn_the_model_ended_too_soon_is_cut_in_on_and_answered_whole(tmp_pat
     tab.play(2)
 
 
+@pytest.mark.slow
 def test_the_chat_api_refuses_what_is_not_a_question_in_a_sentence(tmp_path: Path, echo_url: str) -> None:
     """Checked before anything is decoded: a 60 KB WAV whose header says 1 Hz once resampled to gigabytes."""
     import resource
@@ -715,6 +729,7 @@ def test_the_chat_api_refuses_what_is_not_a_question_in_a_sentence(tmp_path: Pat
         demo.close()
 
 
+@pytest.mark.slow
 def test_a_frozen_launched_server_is_replaced_and_the_page_says_so() -> None:
     """SIGSTOP: alive but silent. Every turn would fail after 30 s, forever, if only a dead server were replaced."""
     import os
@@ -741,6 +756,7 @@ def test_a_frozen_launched_server_is_replaced_and_the_page_says_so() -> None:
         backend.close()
 
 
+@pytest.mark.slow
 def test_a_single_threaded_server_busy_with_our_reply_is_not_reported_unreachable(tmp_path: Path) -> None:
     """The original mini-omni server answers one connection at a time: during a long reply our health check
     waits in its backlog and times out. That is the server working for us, not a problem to show."""
@@ -772,6 +788,7 @@ def test_a_single_threaded_server_busy_with_our_reply_is_not_reported_unreachabl
     assert not any("problem" in line for line in lines), set(lines)
 
 
+@pytest.mark.slow
 def test_a_question_asked_while_the_model_loads_is_answered_once_it_is_ready(
     tmp_path: Path, question: np.ndarray
 ) -> None:
@@ -799,6 +816,7 @@ def test_a_question_asked_while_the_model_loads_is_answered_once_it_is_ready(
         assert session.conversation.phase is Phase.STOPPED
 
 
+@pytest.mark.slow
 def test_api_replies_are_removed_after_their_time_to_live(
     tmp_path: Path, question: np.ndarray, echo_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

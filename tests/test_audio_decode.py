@@ -74,6 +74,7 @@ def test_a_wav_is_judged_by_its_header_before_anything_is_decoded(monkeypatch: p
         decode_audio_file(one_hertz, max_seconds=30.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extension", ["flac", "mp3", "ogg", "webm", "m4a", "wav"])
 def test_the_formats_people_send_are_decoded(extension: str) -> None:
     tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(48_000) / 48_000)).astype(np.float32)

@@ -25,10 +25,13 @@ from tests.speech import espeak_available, silence, speak, trim
 OUTPUT = harness.REPO_ROOT / "test-output" / "browser"
 RATE = 16_000
 
-pytestmark = pytest.mark.skipif(
-    not espeak_available() or harness.browser_tools_missing() is not None or pulse_tools_missing() is not None,
-    reason=harness.browser_tools_missing() or pulse_tools_missing() or "espeak-ng is not installed",
-)
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not espeak_available() or harness.browser_tools_missing() is not None or pulse_tools_missing() is not None,
+        reason=harness.browser_tools_missing() or pulse_tools_missing() or "espeak-ng is not installed",
+    ),
+]
 
 
 @pytest.fixture(scope="module")

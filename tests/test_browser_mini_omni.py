@@ -35,10 +35,13 @@ from turn_weights import PATH_VARIABLE, default_path
 OUTPUT = harness.REPO_ROOT / "test-output" / "browser"
 HELD_AFTER_BYTES = 1 << 20
 
-pytestmark = pytest.mark.skipif(
-    not espeak_available() or harness.browser_tools_missing() is not None or pulse_tools_missing() is not None,
-    reason=harness.browser_tools_missing() or pulse_tools_missing() or "espeak-ng is not installed",
-)
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not espeak_available() or harness.browser_tools_missing() is not None or pulse_tools_missing() is not None,
+        reason=harness.browser_tools_missing() or pulse_tools_missing() or "espeak-ng is not installed",
+    ),
+]
 
 
 class HeldMirror:

@@ -112,6 +112,7 @@ def test_a_4xx_shows_the_servers_sentence() -> None:
     assert error.message.startswith("The audio could not be decoded")
 
 
+@pytest.mark.slow
 def test_a_loading_server_holds_the_question_and_tells_its_progress() -> None:
     with serving_while_loading("warming up") as (url, release):
         assert fetch_health(url).detail == "warming up"
@@ -147,6 +148,7 @@ def test_an_engine_failure_before_audio_is_a_server_error_with_its_sentence() ->
     assert "special token" in error.message
 
 
+@pytest.mark.slow
 def test_a_queued_request_hears_its_place_then_its_reply() -> None:
     gate = threading.Event()
     with serving_engine(ScriptedEngine(pieces=1, gate=gate)) as url:
@@ -196,6 +198,7 @@ def test_reference_stream_is_read_whole_in_small_pieces_and_the_request_is_the_r
     assert base64.b64decode(request["audio"]) == WAV
 
 
+@pytest.mark.slow
 def test_reference_first_bytes_are_handed_on_without_waiting_for_more() -> None:
     with ReferenceServer(Script(pieces=[b"\x01\x00" * 500, b"\x02\x00" * 8192], delay_s=2.0)) as server:
         started = time.monotonic()
@@ -253,6 +256,7 @@ def test_a_stall_after_some_audio_keeps_the_audio() -> None:
     assert error.message == "The model server stopped answering (nothing for 0.5 s)."
 
 
+@pytest.mark.slow
 def test_a_stall_before_the_answer_starts() -> None:
     with ReferenceServer(Script(pieces=[b"\x00\x00"], first_delay_s=1.5)) as server:
         events, error = collect(server.url, stall_timeout_s=0.4)
@@ -323,6 +327,7 @@ def test_fetch_health_of_ours_of_the_reference_and_of_nothing() -> None:
     assert caught.value.kind is FailureKind.UNREACHABLE
 
 
+@pytest.mark.slow
 def test_local_server_launches_waits_restarts_and_stops() -> None:
     progress: list[str] = []
     with LocalServer(engine="echo") as server:
@@ -348,6 +353,7 @@ def test_local_server_launches_waits_restarts_and_stops() -> None:
     assert not server.running
 
 
+@pytest.mark.slow
 def test_local_server_exits_when_its_launcher_is_killed() -> None:
     """The launcher (an app) dies by SIGKILL, with no chance to stop its server: the server goes too."""
     launcher = subprocess.Popen(

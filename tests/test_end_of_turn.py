@@ -190,6 +190,7 @@ def test_the_model_runs_on_its_own_thread(turn_model: SharedTurnModel) -> None:
     assert 0.0 <= probability <= 1.0 and threads[0].startswith("turn-model")
 
 
+@pytest.mark.slow
 @needs_espeak
 @pytest.mark.parametrize("voice", ["en-us", "en-gb", "en-us+f3"])
 def test_a_clear_question_ends_well_before_the_fallback(turn_model: SharedTurnModel, voice: str) -> None:
@@ -280,6 +281,7 @@ def test_kennedys_sentence_with_three_pauses_is_answered_whole(turn_model: Share
     assert whole.speech_start_s <= truth["speech_start_s"] and whole.turn_end_s > truth["speech_end_s"]
 
 
+@pytest.mark.slow
 def test_the_bench_runs_the_apps_defaults(tmp_path: Path, turn_model: SharedTurnModel) -> None:
     if not espeak_available():
         pytest.skip("espeak-ng is not installed")

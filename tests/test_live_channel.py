@@ -307,6 +307,7 @@ def test_a_conversation_already_on_another_socket_is_refused(live_url: str, hand
         assert session.conversation.phase is Phase.LISTENING, "the refusal leaves the running one alone"
 
 
+@pytest.mark.slow
 @needs_espeak
 def test_a_whole_conversation_over_the_socket(
     live_url: str, handlers: Handlers, tmp_path: Path, greeting: np.ndarray
@@ -342,7 +343,10 @@ def test_a_lost_socket_stops_the_conversation_and_keeps_the_reply(
     with live_socket(live_url, handlers.tokens.issue(session)) as socket:
         say(socket, greeting)
         assert next_text(socket)["type"] == "turn"
-        assert isinstance(socket.recv(timeout=WAIT_S), bytes), "the reply has begun"
+        frame = socket.recv(timeout=WAIT_S)
+        assert isinstance(frame, bytes), "the reply has begun"
+        turn, pcm = wire.parse_reply_frame(frame)
+        assert turn == 1 and len(pcm) > 0 and len(pcm) % 2 == 0, "with turn 1's audio"
     wait_for(lambda: session.link is not None and session.link.closed.is_set(), what="the lost socket to end the link")
     assert session.conversation.phase is Phase.STOPPED
     assert session.conversation.notice == "The live audio connection closed."
@@ -350,6 +354,7 @@ def test_a_lost_socket_stops_the_conversation_and_keeps_the_reply(
     wait_for(lambda: not fetch_health(echo_url).busy, what="the server to drop the reply no one hears")
 
 
+@pytest.mark.slow
 @needs_espeak
 def test_each_socket_gets_only_its_own_tabs_audio(
     live_url: str, handlers: Handlers, tmp_path: Path, greeting: np.ndarray

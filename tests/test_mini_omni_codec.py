@@ -79,6 +79,7 @@ def test_reference_pcm_truncates_and_wraps_but_default_rounds_and_clips() -> Non
 # -------------------------------------------------------------------------------------- golden (A)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("case", "stride"), [("golden_A", 4), ("golden_A_stride5", 5)])
 def test_reference_streamer_reproduces_golden_codes_and_pcm(shared_dir, codec, case: str, stride: int) -> None:
     golden, arrays = load_golden(shared_dir, case)
@@ -101,6 +102,7 @@ def test_reference_streamer_reproduces_golden_codes_and_pcm(shared_dir, codec, c
         assert np.abs(pcm(piece) - noisy_pcm[i]).max() <= 1, f"chunk {i} with recorded noise"
 
 
+@pytest.mark.slow
 def test_seamless_pieces_equal_one_whole_decode(codec) -> None:
     steps = synthetic_steps(7 + 10)  # 10 frames: two windows of 4 and a 2-frame tail
     noise = SeededNoise(42)

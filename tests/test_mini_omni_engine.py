@@ -91,6 +91,7 @@ def output1(shared_dir: Path) -> np.ndarray:
     return audio
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("case", "stride"), [("golden_A", 4), ("golden_A_stride5", 5)])
 def test_reference_mode_reproduces_golden_a(shared_dir, golden_engine, output1, case: str, stride: int) -> None:
     golden, arrays = load_golden(shared_dir, case)
@@ -117,6 +118,7 @@ def test_reference_mode_reproduces_golden_a(shared_dir, golden_engine, output1, 
         assert np.abs(pcm(piece) - noisy[i]).max() <= 1, f"chunk {i} with the recorded noise"
 
 
+@pytest.mark.slow
 def test_reference_mode_max_tokens_facts_of_http_golden_a(shared_dir, golden_engine, output1) -> None:
     """http_golden_A.json: max_tokens 120 → 18 iterations, 49,152 bytes, the first 3 golden chunks; 101 (= T)
     and 3000 fail in the reference (HTML 500); here they are refused before anything streams."""
@@ -161,6 +163,7 @@ def request_30(chirp: np.ndarray) -> ChatRequest:
     return ChatRequest(audio=chirp, stream_stride=4, max_tokens=prompt_length(chirp) + 1 + 29, stream_text=True)
 
 
+@pytest.mark.slow
 def test_default_mode_sends_the_whole_reply_without_seams(default_engine, request_30) -> None:
     frames = model_frames(default_engine, request_30)
     assert len(frames) % 4, "the test needs a tail that the reference would drop"
@@ -179,6 +182,7 @@ def test_default_mode_sends_the_whole_reply_without_seams(default_engine, reques
     assert text == expected and len(text) > 20
 
 
+@pytest.mark.slow
 def test_reference_mode_drops_the_tail_and_decodes_windows_alone(reference_engine, request_30) -> None:
     frames = model_frames(reference_engine, request_30)
     pieces, _ = reply(reference_engine, request_30, noise=ZeroNoise())
@@ -188,6 +192,7 @@ def test_reference_mode_drops_the_tail_and_decodes_windows_alone(reference_engin
         assert piece == pcm_reference(alone)
 
 
+@pytest.mark.slow
 def test_default_noise_is_reproducible_per_request(default_engine, request_30, chirp) -> None:
     state = torch.random.get_rng_state()
     first, _ = reply(default_engine, request_30)
@@ -198,6 +203,7 @@ def test_default_noise_is_reproducible_per_request(default_engine, request_30, c
     assert request_seed(louder) != request_seed(request_30)
 
 
+@pytest.mark.slow
 def test_check_rejects_requests_that_cannot_give_audio(default_engine, reference_engine, chirp) -> None:
     t = prompt_length(chirp)
 
@@ -219,6 +225,7 @@ def test_check_rejects_requests_that_cannot_give_audio(default_engine, reference
     assert rejected(default_engine, audio=np.zeros(30 * 16_000 + 1, dtype=np.float32))
 
 
+@pytest.mark.slow
 def test_check_bounds_max_tokens_by_the_loaded_models_context(chirp, tmp_path: Path) -> None:
     """A checkpoint with a shorter context than 2048 is refused before anything streams, not mid-generation."""
     short = dataclasses.replace(TINY, block_size=128)
@@ -228,6 +235,7 @@ def test_check_bounds_max_tokens_by_the_loaded_models_context(chirp, tmp_path: P
         engine.check(ChatRequest(audio=chirp, max_tokens=130))
 
 
+@pytest.mark.slow
 def test_smallest_accepted_max_tokens_gives_audio(default_engine, reference_engine, chirp) -> None:
     t = prompt_length(chirp)
     pieces, _ = reply(default_engine, ChatRequest(audio=chirp, max_tokens=t + 8))
@@ -236,6 +244,7 @@ def test_smallest_accepted_max_tokens_gives_audio(default_engine, reference_engi
     assert len(b"".join(pieces)) == 2 * 4 * FRAME_SAMPLES
 
 
+@pytest.mark.slow
 def test_the_cpu_warm_up_pays_the_first_call_costs_without_the_whisper_encoder(
     tiny_dir: Path, chirp: np.ndarray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -323,6 +332,7 @@ def test_a_hub_download_reports_the_bytes_its_folder_gains_against_the_files_siz
     assert len(said) >= 3 and said == sorted(set(said), key=said.index), "it grows, each line said once"
 
 
+@pytest.mark.slow
 def test_a_whisper_mirror_is_used_and_checked_like_the_original(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_dir: Path
 ) -> None:

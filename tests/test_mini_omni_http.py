@@ -44,12 +44,14 @@ def launched_server(tmp_path_factory: pytest.TempPathFactory) -> str:
         yield server.url
 
 
+@pytest.mark.slow
 def test_auto_picks_mini_omni_when_a_checkpoint_is_present(launched_server: str) -> None:
     health = omni_client.fetch_health(launched_server)
     assert health.status is HealthStatus.READY
     assert health.engine == "mini-omni", health
 
 
+@pytest.mark.slow
 def test_the_app_client_gets_audio_and_text_from_the_model(launched_server: str) -> None:
     wav = omni_client.utterance_wav(chirp_audio())
     events = list(omni_client.stream_reply(launched_server, wav, stall_timeout_s=TIMEOUT_S))
@@ -64,6 +66,7 @@ def test_the_app_client_gets_audio_and_text_from_the_model(launched_server: str)
     assert raw.content == pcm
 
 
+@pytest.mark.slow
 def test_max_tokens_that_leave_no_room_are_refused_before_any_audio(launched_server: str) -> None:
     wav = omni_client.utterance_wav(chirp_audio())
     response = post_chat(launched_server, wav, max_tokens=5)
@@ -87,6 +90,7 @@ def serve_golden(checkpoint_dir: Path, mode: str):
     return serving_engine(engine)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("fields", "expected_bytes"),
     [({}, 147_456), ({"stream_stride": 5}, 143_360), ({"max_tokens": 120}, 49_152)],
@@ -102,6 +106,7 @@ def test_reference_mode_answers_golden_a_with_the_reference_byte_counts(
     assert len(response.content) == expected_bytes
 
 
+@pytest.mark.slow
 def test_default_mode_sends_the_tail_the_reference_drops(shared_dir: Path, golden_checkpoint: Path) -> None:
     """Stride 5: the reference drops the 36th frame (143,360 bytes); the default mode sends all 36."""
     output1 = (shared_dir / GOLDEN / "output1.wav").read_bytes()

@@ -70,6 +70,7 @@ def test_recipe_reproduces_golden_a_weights(shared_dir: Path) -> None:
             assert recipe.tensor_sha256(tensor) == facts["sha256_f32le"], key
 
 
+@pytest.mark.slow
 def test_golden_a_front_end_and_logits(case_a, model_a: MiniOmniModel) -> None:
     golden, arrays, audio = case_a
     rows = feature_length(len(audio))

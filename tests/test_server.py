@@ -67,6 +67,7 @@ BAD_REQUESTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("body", "status", "words"), BAD_REQUESTS, ids=[words for _, _, words in BAD_REQUESTS])
 def test_bad_requests_get_a_json_error_before_any_audio(echo_url: str, body: bytes, status: int, words: str) -> None:
     response = requests.post(f"{echo_url}/chat", data=body, timeout=TIMEOUT)
@@ -124,6 +125,7 @@ def test_engine_check_rejection_is_422() -> None:
 # --- the echo engine over HTTP ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_echo_streams_raw_pcm_paced_like_the_model(echo_url: str) -> None:
     speech = tone(1.2)
     started = time.monotonic()
@@ -237,6 +239,7 @@ def test_requests_are_served_one_at_a_time_in_arrival_order() -> None:
     assert all(body == PIECE * 2 for body in results.values())
 
 
+@pytest.mark.slow
 def test_the_place_in_line_is_taken_on_arrival_not_after_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     """A long upload that takes a second to decode is still served before a short one sent after it."""
     import omni_server.http_app as http_app
@@ -261,6 +264,7 @@ def test_the_place_in_line_is_taken_on_arrival_not_after_decoding(monkeypatch: p
     assert engine.served == [101, 102]
 
 
+@pytest.mark.slow
 def test_a_waiting_multipart_request_hears_its_place_in_line() -> None:
     engine = ScriptedEngine(pieces=8, delay=0.2)
     with serving_engine(engine) as url:
@@ -297,6 +301,7 @@ def test_a_client_that_hangs_up_frees_the_turn() -> None:
     assert engine.served == [1, 2]
 
 
+@pytest.mark.slow
 def test_a_client_that_hangs_up_while_queued_leaves_the_line() -> None:
     engine = ScriptedEngine(pieces=10, delay=0.1)
     with serving_engine(engine) as url:
@@ -337,6 +342,7 @@ def test_a_client_that_stops_reading_does_not_hold_the_turn() -> None:
 # --- health -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_question_asked_while_loading_waits_and_is_answered_once_ready() -> None:
     with serving_while_loading("loading weights", note="echo engine: chosen by the test") as (url, release):
         assert health(url) == {
@@ -407,6 +413,7 @@ def test_health_reports_a_load_error_and_chat_says_why() -> None:
     assert "could not load its engine" in refused.json()["error"]
 
 
+@pytest.mark.slow
 def test_a_body_that_stops_arriving_is_dropped_and_frees_the_line(monkeypatch: pytest.MonkeyPatch) -> None:
     import omni_server.http_app as http_app
 

@@ -28,7 +28,7 @@ MISSING = (
     or (None if Path(CHROMIUM).exists() else f"{CHROMIUM} is not installed")
     or (None if importlib.util.find_spec("playwright") else "playwright is not installed")
 )
-pytestmark = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
+pytestmark = [pytest.mark.browser, pytest.mark.skipif(MISSING is not None, reason=MISSING or "")]
 
 # Plays 440 Hz tones [(start, stop) in seconds from now] and returns the wall time of the `start()` calls: Date.now()
 # reads the same clock as Python's time.time(). The page's one AudioContext first runs for a second: on a busy

@@ -328,6 +328,7 @@ def test_states_and_feeds_after_the_turn(detector: PauseDetector, question: np.n
     assert detector.state is DetectorState.WAITING
 
 
+@pytest.mark.slow
 def test_turn_latency_bench_reports_the_turns(tmp_path, question: np.ndarray, second_question: np.ndarray) -> None:
     """The tuning tool users run on their own recordings: one JSON object on the last line, turns in file time."""
     audio = join(silence(1.0), question, silence(2.5), second_question, silence(2.0))

@@ -24,7 +24,7 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, Self
 
 import numpy as np
 import torch
@@ -252,6 +252,29 @@ class _Snake(nn.Module):
         return y.mul_((self.alpha + 1e-9).reciprocal()).add_(x)
 
 
+class _SnacQuantizer(Protocol):
+    def from_codes(self, codes: list[torch.Tensor]) -> torch.Tensor: ...
+
+
+class _SnacDecoder(Protocol):
+    model: nn.Sequential
+
+
+class SnacModel(Protocol):
+    """What the codec uses of snac's `SNAC` (an nn.Module; the package ships no type information)."""
+
+    encoder: nn.Module | None
+    decoder: _SnacDecoder
+    quantizer: _SnacQuantizer
+    vq_strides: list[int]
+
+    def modules(self) -> Iterator[nn.Module]: ...
+
+    def to(self, device: str | torch.device) -> Self: ...
+
+    def eval(self) -> Self: ...
+
+
 class SnacCodec:
     """The SNAC 24 kHz decoder (encoder dropped), weight norm folded in, noise from a `Noise` policy.
 
@@ -259,7 +282,7 @@ class SnacCodec:
     (they need the context), and each later, costlier stage only over the region plus the reach of the
     stages after it, so context costs little beyond the first stages."""
 
-    def __init__(self, model: nn.Module, device: str | torch.device = "cpu") -> None:
+    def __init__(self, model: SnacModel, device: str | torch.device = "cpu") -> None:
         model.encoder = None  # only decoding is needed: frees the encoder's weights
         for module in model.modules():
             if parametrize.is_parametrized(module, "weight"):
@@ -281,7 +304,7 @@ class SnacCodec:
 
         return cls(SNAC.from_pretrained(str(source)), device)
 
-    def _replace_layers(self, model: nn.Module) -> None:
+    def _replace_layers(self, model: SnacModel) -> None:
         """NoiseBlocks take their noise from `self.noise`; Snake1d runs eagerly."""
         from snac.layers import NoiseBlock, Snake1d
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer
 
 from omni_server.engine import (
     MAX_INPUT_SECONDS,
@@ -199,7 +200,7 @@ class MiniOmniEngine:
         self.mode = DecodeMode(mode)
         self._model: MiniOmniModel | None = None
         self._codec: SnacCodec | None = None
-        self._tokenizer = None
+        self._tokenizer: Tokenizer | None = None
         self._lock = threading.Lock()  # one reply at a time: the model and codec hold per-call state
         self.last_reply: ReplyStats | None = None
 
@@ -269,7 +270,7 @@ class MiniOmniEngine:
     ) -> Iterator[ReplyPiece]:
         """Stream the reply; `noise` overrides the mode's SNAC noise (tests replay recorded noise with it),
         `features` the whisper encoder's output (the warm-up's)."""
-        if self._model is None or self._codec is None:
+        if self._model is None or self._codec is None or self._tokenizer is None:
             raise RuntimeError("the mini-omni engine is not loaded")
         self.check(request)
         with self._lock:

@@ -9,8 +9,10 @@ logits the decoder reads (item 0's audio slices, item 1's text slice).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +91,12 @@ class Attention(nn.Module):
         self.k_cache = torch.empty(shape, device=device, dtype=dtype)
         self.v_cache = torch.empty(shape, device=device, dtype=dtype)
 
+    def cache(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K and V caches, once `allocate_cache` has made them."""
+        if self.k_cache is None or self.v_cache is None:
+            raise RuntimeError("the KV cache is not allocated: GPT.prepare has not run")
+        return self.k_cache, self.v_cache
+
     def forward(self, x: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x: [B, T, d] at positions start..start+T-1; attends causally to the cache and itself."""
         c = self.config
@@ -101,9 +109,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         end = start + t
-        self.k_cache[:b, :, start:end] = k
-        self.v_cache[:b, :, start:end] = v
-        keys, values = self.k_cache[:b, :, :end], self.v_cache[:b, :, :end]
+        k_cache, v_cache = self.cache()
+        k_cache[:b, :, start:end] = k
+        v_cache[:b, :, start:end] = v
+        keys, values = k_cache[:b, :, :end], v_cache[:b, :, :end]
         if t == 1:
             # One new position sees every cached one: fold each group's query heads into the query axis.
             out = F.scaled_dot_product_attention(q.view(b, groups, per_group, n), keys, values)
@@ -138,16 +147,27 @@ class Selection:
     text: int
 
 
+class Transformer(nn.Module):
+    """The GPT's `transformer`: token embeddings (`wte`), the blocks (`h`) and the final norm (`ln_f`)."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
+        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = RMSNorm(config.n_embd, config.norm_eps)
+
+    def blocks(self) -> Iterator[Block]:
+        """The blocks of `h`, typed: nn.ModuleList is not generic, so its stubs type every item as a Module."""
+        return cast(Iterator[Block], iter(self.h))
+
+
 class GPT(nn.Module):
     """State-dict names follow `lit_model.pth`; `lm_head.weight` is the tied `transformer.wte.weight`."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
-        self.transformer = nn.Module()
-        self.transformer.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
-        self.transformer.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.transformer.ln_f = RMSNorm(config.n_embd, config.norm_eps)
+        self.transformer = Transformer(config)
         self.whisper_adapter = GatedMLP(config.whisper_adapter_dim, config.intermediate_size, config.n_embd)
         self.rope_cos: torch.Tensor | None = None
         self.rope_sin: torch.Tensor | None = None
@@ -183,6 +203,8 @@ class GPT(nn.Module):
 
     def forward(self, ids: torch.Tensor, start: int, audio_embeddings: torch.Tensor | None = None) -> torch.Tensor:
         """Run positions start..start+T-1 through the blocks (filling the cache); final-norm hidden at the last."""
+        if self.rope_cos is None or self.rope_sin is None:
+            raise RuntimeError("the RoPE table is not computed: GPT.prepare has not run")
         x = self.embed(ids, audio_embeddings)
         end = start + x.shape[1]
         cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
@@ -200,9 +222,10 @@ class GPT(nn.Module):
             raise ValueError("prefill wants the batch-2 prompt: items that differ only at the last position")
         shared = ids.shape[-1] - 1
         self(ids[:1, :, :shared], 0, audio_embeddings[:1])
-        for block in self.transformer.h:
-            block.attn.k_cache[1, :, :shared] = block.attn.k_cache[0, :, :shared]
-            block.attn.v_cache[1, :, :shared] = block.attn.v_cache[0, :, :shared]
+        for block in self.transformer.blocks():
+            k_cache, v_cache = block.attn.cache()
+            k_cache[1, :, :shared] = k_cache[0, :, :shared]
+            v_cache[1, :, :shared] = v_cache[0, :, :shared]
         return self(ids[:, :, shared:], shared)
 
     def select(self, hidden: torch.Tensor) -> Selection:
@@ -210,6 +233,8 @@ class GPT(nn.Module):
 
         See docs/mini-omni.md §10.
         """
+        if self.head_audio is None or self.head_text is None:
+            raise RuntimeError("the output head is not split: GPT.prepare has not run")
         audio = self.head_audio.argmax(hidden[:1])
         (text,) = self.head_text.argmax(hidden[1:])
         return Selection(tuple(audio), text)

@@ -49,13 +49,13 @@ class HeadSlice:
         approx = linear(hidden.to(torch.bfloat16), self.packed)
         if self.row_norms is None:
             return self._topk(approx)
-        return self._screened(hidden, approx.float().view(self.groups, self.width))
+        return self._screened(hidden, approx.float().view(self.groups, self.width), self.row_norms)
 
     def _topk(self, logits: torch.Tensor) -> list[int]:
         return torch.topk(logits.view(self.groups, self.width), 1).indices.view(-1).tolist()
 
-    def _screened(self, hidden: torch.Tensor, approx: torch.Tensor) -> list[int]:
-        bound = hidden.norm() * self.row_norms.view(self.groups, self.width)
+    def _screened(self, hidden: torch.Tensor, approx: torch.Tensor, row_norms: torch.Tensor) -> list[int]:
+        bound = hidden.norm() * row_norms.view(self.groups, self.width)
         bound = bound + _OUTPUT_SLACK * approx.abs()
         floor = (approx - bound).max(dim=1, keepdim=True).values
         candidates = approx + bound >= floor  # every row that could be the exact maximum

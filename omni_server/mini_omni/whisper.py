@@ -68,7 +68,7 @@ def mel_filterbank(
     widths = np.diff(mel_freqs)
     ramps = mel_freqs[:, None] - fft_freqs[None, :]
     # Stored in `dtype` with the normalisation applied in place: in float32, rounding as librosa's own table does.
-    weights = np.zeros((n_mels, len(fft_freqs)), dtype=dtype)
+    weights: np.ndarray = np.zeros((n_mels, len(fft_freqs)), dtype=dtype)
     for i in range(n_mels):
         lower = -ramps[i] / widths[i]
         upper = ramps[i + 2] / widths[i + 1]
@@ -126,6 +126,8 @@ class _EncoderBlock(nn.Module):
 
 class WhisperEncoder(nn.Module):
     """openai-whisper's AudioEncoder: two convs with GELU, sinusoidal positions, pre-LN blocks, final LN."""
+
+    positional_embedding: torch.Tensor  # a buffer (registered in __init__)
 
     def __init__(self, dims: WhisperDims) -> None:
         super().__init__()
