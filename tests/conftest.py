@@ -1,12 +1,15 @@
-"""Shared fixtures: the team's reference material in ../shared (found or skipped), and a loopback-only guard."""
+"""Shared fixtures: the team's reference material in ../shared (found or skipped), the end-of-turn model, an echo
+server, a private PulseAudio, and a loopback-only guard; and the `golden` marker."""
 
 from __future__ import annotations
 
 import ipaddress
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from turn_weights import DOWNLOAD_VARIABLE
@@ -35,6 +38,33 @@ def turn_model():
     if model.problem:
         pytest.skip(model.problem)
     return model
+
+
+@pytest.fixture(scope="module")
+def echo_url() -> Iterator[str]:
+    """Our server with the echo engine, paced in real time like the model, on 127.0.0.1."""
+    from omni_server.echo import EchoEngine
+    from tests.servers import serving_engine
+
+    with serving_engine(EchoEngine(thinking_s=0.05, realtime=True)) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def pulse() -> Iterator[object]:
+    """A private PulseAudio whose null sink the browser tests play into and record from."""
+    from tests.sound_capture import private_pulse
+
+    with private_pulse() as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def chirp() -> np.ndarray:
+    """A 1.7 s warbling chirp: synthetic, so a tiny recipe model's token streams are the same on every machine."""
+    from tests.mini_omni_helpers import chirp_audio
+
+    return chirp_audio()
 
 
 @pytest.fixture(scope="session")

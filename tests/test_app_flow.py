@@ -193,12 +193,6 @@ def long_question() -> np.ndarray:
     return speak(LONG_QUESTION)
 
 
-@pytest.fixture(scope="module")
-def echo_url() -> Iterator[str]:
-    with serving_engine(EchoEngine(thinking_s=0.05, realtime=True)) as url:
-        yield url
-
-
 def reply_seconds(pcm: bytes) -> float:
     return len(pcm) / 2 / OUTPUT_SAMPLE_RATE
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests import browser_harness as harness
-from tests.sound_capture import private_pulse, pulse_tools_missing, recording
+from tests.sound_capture import pulse_tools_missing, recording
 from tests.speech import espeak_available, silence, speak, trim
 
 OUTPUT = harness.REPO_ROOT / "test-output" / "browser"
@@ -32,12 +32,6 @@ pytestmark = [
         reason=harness.browser_tools_missing() or pulse_tools_missing() or "espeak-ng is not installed",
     ),
 ]
-
-
-@pytest.fixture(scope="module")
-def pulse():
-    with private_pulse() as running:
-        yield running
 
 
 @pytest.fixture(scope="module")

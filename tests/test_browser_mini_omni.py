@@ -28,7 +28,7 @@ from omni_server.mini_omni import checkpoint, recipe
 from omni_server.mini_omni.checkpoint import WHISPER_URL_VARIABLE
 from tests import browser_harness as harness
 from tests.mini_omni_helpers import write_tiny_checkpoint
-from tests.sound_capture import private_pulse, pulse_tools_missing, recording
+from tests.sound_capture import pulse_tools_missing, recording
 from tests.speech import espeak_available, silence, speak, trim
 from turn_weights import PATH_VARIABLE, default_path
 
@@ -83,12 +83,6 @@ def held_mirror(payload: bytes) -> Iterator[HeldMirror]:
         mirror.release()
         server.shutdown()
         server.server_close()
-
-
-@pytest.fixture(scope="module")
-def pulse():
-    with private_pulse() as running:
-        yield running
 
 
 @pytest.fixture()

@@ -22,10 +22,9 @@ from audio_files import TurnFiles
 from backend import Backend
 from live_route import LiveTokens
 from omni_client import fetch_health
-from omni_server.echo import EchoEngine
 from omni_server.protocol import OUTPUT_SAMPLE_RATE
 from state import Conversation, Phase
-from tests.servers import serving_app, serving_engine, wait_for
+from tests.servers import serving_app, wait_for
 from tests.speech import espeak_available, join, silence, speak, to_int16
 
 WAIT_S = 10.0  # for any one message; the echo replies here last ~1.5 s of real time
@@ -169,12 +168,6 @@ def test_tokens_are_long_and_distinct() -> None:
 
 
 # --- the route, over real loopback sockets ---------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def echo_url() -> Iterator[str]:
-    with serving_engine(EchoEngine(thinking_s=0.05, realtime=True)) as url:
-        yield url
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,6 @@ from tests import mini_omni_helpers as helpers
 from tests.mini_omni_helpers import (
     GOLDEN,
     TINY,
-    chirp_audio,
     golden_noise,
     load_golden,
     pcm,
@@ -150,11 +149,6 @@ def default_engine(tiny_dir: Path) -> MiniOmniEngine:
 @pytest.fixture(scope="module")
 def reference_engine(tiny_dir: Path) -> MiniOmniEngine:
     return load_engine(tiny_dir, "reference")[0]
-
-
-@pytest.fixture(scope="module")
-def chirp() -> np.ndarray:
-    return chirp_audio()
 
 
 @pytest.fixture(scope="module")

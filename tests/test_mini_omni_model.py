@@ -30,7 +30,7 @@ from omni_server.mini_omni.gpt import MiniOmniModel
 from omni_server.mini_omni.head import HeadSlice
 from omni_server.mini_omni.whisper import feature_length, log_mel
 from tests import mini_omni_helpers as helpers
-from tests.mini_omni_helpers import GOLDEN, chirp_audio, golden_a_model, load_golden, read_wav
+from tests.mini_omni_helpers import GOLDEN, golden_a_model, load_golden, read_wav
 
 SEED_A = 1234
 
@@ -184,12 +184,6 @@ def load_tiny(directory: Path, dtype: torch.dtype = torch.float32) -> MiniOmniMo
 @pytest.fixture(scope="module")
 def tiny(tiny_dir: Path) -> MiniOmniModel:
     return load_tiny(tiny_dir)
-
-
-@pytest.fixture(scope="module")
-def chirp() -> np.ndarray:
-    """A 1.7 s warbling chirp: synthetic, so the tiny model's token streams are the same on every machine."""
-    return chirp_audio()
 
 
 def test_loaded_weights_are_the_recipe(tiny: MiniOmniModel) -> None:

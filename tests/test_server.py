@@ -30,7 +30,8 @@ def chat_body(samples: np.ndarray | None = None, **fields: object) -> dict:
 
 
 @pytest.fixture()
-def echo_url() -> Iterator[str]:
+def quick_echo_url() -> Iterator[str]:
+    """An echo server of this test's own, not paced in real time."""
     with serving_engine(EchoEngine(thinking_s=0.1)) as url:
         yield url
 
@@ -69,8 +70,10 @@ BAD_REQUESTS = [
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("body", "status", "words"), BAD_REQUESTS, ids=[words for _, _, words in BAD_REQUESTS])
-def test_bad_requests_get_a_json_error_before_any_audio(echo_url: str, body: bytes, status: int, words: str) -> None:
-    response = requests.post(f"{echo_url}/chat", data=body, timeout=TIMEOUT)
+def test_bad_requests_get_a_json_error_before_any_audio(
+    quick_echo_url: str, body: bytes, status: int, words: str
+) -> None:
+    response = requests.post(f"{quick_echo_url}/chat", data=body, timeout=TIMEOUT)
     assert response.status_code == status
     assert response.headers["content-type"] == "application/json"
     assert words in response.json()["error"]
@@ -78,34 +81,36 @@ def test_bad_requests_get_a_json_error_before_any_audio(echo_url: str, body: byt
 
 def test_a_question_over_30_seconds_is_answered_from_its_first_30_and_says_so() -> None:
     """As the reference does (its own client would play our former 413 as noise)."""
-    with serving_engine(EchoEngine(thinking_s=0.0, realtime=False)) as echo_url:
-        trimmed_answers(echo_url)
+    with serving_engine(EchoEngine(thinking_s=0.0, realtime=False)) as quick_echo_url:
+        trimmed_answers(quick_echo_url)
 
 
-def trimmed_answers(echo_url: str) -> None:
+def trimmed_answers(quick_echo_url: str) -> None:
     for body in (chat_body(silence(31.0), stream_stride=64), chat_body(silence(95.0), stream_stride=64)):
-        response = requests.post(f"{echo_url}/chat", json=body, timeout=TIMEOUT)
+        response = requests.post(f"{quick_echo_url}/chat", json=body, timeout=TIMEOUT)
         assert response.status_code == 200 and response.headers["x-omni-input-trimmed-to-s"] == "30"
         assert abs(len(response.content) / 2 / 24_000 - 30.0) < 0.5, "the echo of the first 30 s"
-    multipart = requests.post(f"{echo_url}/chat", json=chat_body(silence(31.0), stream_text=True), timeout=TIMEOUT)
+    multipart = requests.post(
+        f"{quick_echo_url}/chat", json=chat_body(silence(31.0), stream_text=True), timeout=TIMEOUT
+    )
     assert (
         b"Content-Type: text/plain\r\n\r\n(Only the first 30 seconds of your question were heard.)" in multipart.content
     )
-    whole = requests.post(f"{echo_url}/chat", json=chat_body(silence(29.0)), timeout=TIMEOUT)
+    whole = requests.post(f"{quick_echo_url}/chat", json=chat_body(silence(29.0)), timeout=TIMEOUT)
     assert "x-omni-input-trimmed-to-s" not in whole.headers
 
 
-def test_thirty_seconds_exactly_is_accepted(echo_url: str) -> None:
+def test_thirty_seconds_exactly_is_accepted(quick_echo_url: str) -> None:
     response = requests.post(
-        f"{echo_url}/chat", json=chat_body(silence(30.0), stream_stride=64), stream=True, timeout=TIMEOUT
+        f"{quick_echo_url}/chat", json=chat_body(silence(30.0), stream_stride=64), stream=True, timeout=TIMEOUT
     )
     assert response.status_code == 200
     response.close()
 
 
-def test_the_server_does_not_describe_itself(echo_url: str) -> None:
+def test_the_server_does_not_describe_itself(quick_echo_url: str) -> None:
     for path in ("/docs", "/redoc", "/openapi.json"):
-        assert requests.get(f"{echo_url}{path}", timeout=TIMEOUT).status_code == 404
+        assert requests.get(f"{quick_echo_url}{path}", timeout=TIMEOUT).status_code == 404
 
 
 def test_oversized_body_is_413() -> None:
@@ -126,10 +131,10 @@ def test_engine_check_rejection_is_422() -> None:
 
 
 @pytest.mark.slow
-def test_echo_streams_raw_pcm_paced_like_the_model(echo_url: str) -> None:
+def test_echo_streams_raw_pcm_paced_like_the_model(quick_echo_url: str) -> None:
     speech = tone(1.2)
     started = time.monotonic()
-    response = requests.post(f"{echo_url}/chat", json=chat_body(speech), stream=True, timeout=TIMEOUT)
+    response = requests.post(f"{quick_echo_url}/chat", json=chat_body(speech), stream=True, timeout=TIMEOUT)
     assert response.status_code == 200
     assert response.headers["content-type"] == "audio/wav"
     arrivals, body = [], b""
@@ -146,8 +151,8 @@ def test_echo_streams_raw_pcm_paced_like_the_model(echo_url: str) -> None:
     assert arrivals[-1] - arrivals[0] > 0.8
 
 
-def test_echo_multipart_has_text_and_audio_parts_in_mini_omni2_framing(echo_url: str) -> None:
-    response = requests.post(f"{echo_url}/chat", json=chat_body(tone(0.5), stream_text=True), timeout=TIMEOUT)
+def test_echo_multipart_has_text_and_audio_parts_in_mini_omni2_framing(quick_echo_url: str) -> None:
+    response = requests.post(f"{quick_echo_url}/chat", json=chat_body(tone(0.5), stream_text=True), timeout=TIMEOUT)
     assert response.status_code == 200
     assert response.headers["content-type"] == "multipart/x-mixed-replace; boundary=frame"
     parts = response.content.split(b"\r\n--frame\r\n")
