@@ -22,6 +22,13 @@ from omni_server.http_app import create_app
 from omni_server.protocol import LISTENING_PREFIX
 
 
+def at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m omni_server", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -51,6 +58,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="mini-omni audio: default (seamless pieces, tail sent) or reference (the reference's bytes)",
     )
     parser.add_argument(
+        "--max-batch",
+        type=at_least_one,
+        default=None,
+        help="replies generated at once; later requests wait in line (default: the engine's: echo 4, mini-omni 1)",
+    )
+    parser.add_argument(
         "--stop-on-stdin-close",
         action="store_true",
         help="exit when stdin reaches end of file (a launcher's pipe: the server dies with its launcher)",
@@ -62,7 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    options = EngineOptions(EngineChoice(args.engine), args.checkpoint_dir, args.device, args.dtype, args.decode_mode)
+    options = EngineOptions(
+        EngineChoice(args.engine), args.checkpoint_dir, args.device, args.dtype, args.decode_mode, args.max_batch
+    )
     host = EngineHost(
         functools.partial(load_engine, options), "echo" if options.choice is EngineChoice.ECHO else MINI_OMNI
     )

@@ -28,10 +28,21 @@ from omni_server.protocol import INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE
 SNAC_FRAME_SAMPLES = 2048
 
 
+DEFAULT_MAX_BATCH = 4  # stateless, so replies run side by side; a bound keeps threads and memory in check
+
+
 class EchoEngine:
     name = "echo"
 
-    def __init__(self, *, thinking_s: float = 0.3, realtime: bool = True, real_time_factor: float = 1.0) -> None:
+    def __init__(
+        self,
+        *,
+        thinking_s: float = 0.3,
+        realtime: bool = True,
+        real_time_factor: float = 1.0,
+        max_batch: int = DEFAULT_MAX_BATCH,
+    ) -> None:
+        self.max_batch = max_batch
         self._thinking_s = thinking_s
         self._realtime = realtime
         self._seconds_per_second = real_time_factor

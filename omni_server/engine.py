@@ -56,6 +56,7 @@ LoadReport = Callable[[str, str], None]
 
 class Engine(Protocol):
     name: str
+    max_batch: int  # replies it generates at once; the server queues the rest in arrival order
 
     def load(self, progress: ProgressCallback) -> None:
         """Load weights (blocking; run in a background thread), calling `progress("loading weights")` etc."""

@@ -36,6 +36,12 @@ class EngineHost:
             return self._health
 
     @property
+    def max_batch(self) -> int:
+        """Replies served at once: the engine's own figure once it is loaded, 1 until then."""
+        engine = self.ready_engine
+        return engine.max_batch if engine is not None else 1
+
+    @property
     def ready_engine(self) -> Engine | None:
         with self._lock:
             return self._engine

@@ -37,6 +37,7 @@ class EngineOptions:
     device: str | None = None
     dtype: str | None = None
     decode_mode: str = "default"  # mini-omni: "default" (seamless, tail sent) or "reference" (the reference's bytes)
+    max_batch: int | None = None  # replies at once; None: the engine's own default (mini-omni serves one)
 
 
 def load_engine(options: EngineOptions, report: LoadReport) -> tuple[Engine, str]:
@@ -46,7 +47,7 @@ def load_engine(options: EngineOptions, report: LoadReport) -> tuple[Engine, str
     and the sentence carries the reason. With `mini-omni`, the failure propagates (the server reports error).
     """
     if options.choice is EngineChoice.ECHO:
-        return _load_echo(report), "echo engine (chosen with --engine echo)"
+        return _load_echo(options, report), "echo engine (chosen with --engine echo)"
     stage = ["importing the mini-omni engine"]
 
     def report_stage(engine_name: str, detail: str) -> None:
@@ -60,7 +61,7 @@ def load_engine(options: EngineOptions, report: LoadReport) -> tuple[Engine, str
             raise
         log.warning("mini-omni unavailable, falling back to the echo engine: %s", error)
         reason = f"failed while {stage[0]}: {_one_line(error)}"
-        return _load_echo(report), f"echo engine: mini-omni is unavailable ({reason})"
+        return _load_echo(options, report), f"echo engine: mini-omni is unavailable ({reason})"
     where = f" from {options.checkpoint_dir}" if options.checkpoint_dir else ""
     return engine, f"mini-omni{where} ({engine.device.type}, {str(engine.dtype).removeprefix('torch.')})"
 
@@ -72,12 +73,16 @@ def _load_mini_omni(options: EngineOptions, report: LoadReport) -> MiniOmniEngin
     engine = MiniOmniEngine(
         options.checkpoint_dir, device=options.device, dtype=options.dtype, mode=options.decode_mode
     )
+    if options.max_batch is not None and options.max_batch > engine.max_batch:
+        log.warning(
+            "mini-omni serves %d reply at a time; --max-batch %d is not used", engine.max_batch, options.max_batch
+        )
     engine.load(lambda detail: report(MINI_OMNI, detail))
     return engine
 
 
-def _load_echo(report: LoadReport) -> Engine:
-    engine = EchoEngine()
+def _load_echo(options: EngineOptions, report: LoadReport) -> Engine:
+    engine = EchoEngine() if options.max_batch is None else EchoEngine(max_batch=options.max_batch)
     engine.load(lambda detail: report(engine.name, detail))
     return engine
 

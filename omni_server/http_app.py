@@ -48,7 +48,7 @@ DISCARD_BODY_LIMIT = 4 * MAX_BODY_BYTES  # read (and drop) an oversized body up 
 def create_app(host: EngineHost) -> FastAPI:
     # No /docs, /redoc or /openapi.json: an open server need not describe itself (PROTOCOL in the README does).
     app = FastAPI(title="omni_server", docs_url=None, redoc_url=None, openapi_url=None)
-    turns = TurnQueue()
+    turns = TurnQueue(lambda: host.max_batch)
 
     @app.exception_handler(BadRequest)
     async def bad_request(_request: Request, error: BadRequest) -> JSONResponse:
@@ -56,7 +56,8 @@ def create_app(host: EngineHost) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return dataclasses.replace(host.health, busy=turns.busy, waiting=turns.waiting).to_json()
+        health = dataclasses.replace(host.health, busy=turns.busy, waiting=turns.waiting, max_batch=host.max_batch)
+        return health.to_json()
 
     @app.post("/chat", response_model=None)
     async def chat(request: Request) -> Response:

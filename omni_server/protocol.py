@@ -43,7 +43,8 @@ class Health:
     engine: str  # "mini-omni", "echo", or "" when unknown
     detail: str  # the loading step (with numbers), why this engine, or the load error
     busy: bool = False  # a reply is being generated
-    waiting: int = 0  # requests queued behind it
+    waiting: int = 0  # requests queued behind the ones being served
+    max_batch: int = 1  # replies the engine generates at once
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -52,6 +53,7 @@ class Health:
             "detail": self.detail,
             "busy": self.busy,
             "waiting": self.waiting,
+            "max_batch": self.max_batch,
         }
 
     @classmethod
@@ -63,4 +65,5 @@ class Health:
             str(data.get("detail", "")),
             bool(data.get("busy", False)),
             int(data.get("waiting", 0)),
+            int(data.get("max_batch", 1)),
         )

@@ -1,15 +1,16 @@
-"""One generation at a time, granted strictly in arrival order.
+"""As many generations at a time as the engine serves (its `max_batch`), granted strictly in arrival order.
 
-A plain lock would do "one at a time" but not "in order" (a request that arrives while the lock is being
-handed over can barge in). Here every request takes a ticket at arrival; the ticket at the head of the
-line holds the turn, and leaving the line (done, failed or client gone) wakes everyone behind to see
-their new place. All methods run on the event loop thread.
+A plain semaphore would do "N at a time" but not "in order" (a request that arrives while a turn is being
+handed over can barge in). Here every request takes a ticket at arrival; the first `capacity()` tickets of
+the line hold a turn, and leaving the line (done, failed or client gone) wakes everyone behind to see their
+new place. All methods run on the event loop thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 
 
 class Ticket:
@@ -20,8 +21,10 @@ class Ticket:
 
 
 class TurnQueue:
-    def __init__(self) -> None:
+    def __init__(self, capacity: Callable[[], int] = lambda: 1) -> None:
+        """`capacity()`: how many tickets hold a turn at once (asked each time: it is known once the engine is)."""
         self._line: deque[Ticket] = deque()
+        self._capacity = capacity
 
     def join(self) -> Ticket:
         ticket = Ticket()
@@ -29,8 +32,8 @@ class TurnQueue:
         return ticket
 
     def ahead_of(self, ticket: Ticket) -> int:
-        """How many requests are before this one (0: it holds the turn)."""
-        return self._line.index(ticket)
+        """How many requests must leave before this one holds a turn (0: it holds one)."""
+        return max(self._line.index(ticket) - self._capacity() + 1, 0)
 
     async def wait_turn(self, ticket: Ticket, timeout: float) -> bool:
         """Wait until `ticket` holds the turn or `timeout` passes; True when it holds the turn."""
@@ -56,5 +59,5 @@ class TurnQueue:
 
     @property
     def waiting(self) -> int:
-        """Requests in line behind the one being served."""
-        return max(len(self._line) - 1, 0)
+        """Requests in line behind the ones being served."""
+        return max(len(self._line) - self._capacity(), 0)

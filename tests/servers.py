@@ -102,7 +102,9 @@ class ScriptedEngine:
         text: str = "",
         gate: threading.Event | None = None,
         piece: bytes = PIECE,
+        max_batch: int = 1,
     ) -> None:
+        self.max_batch = max_batch
         self.pieces, self.delay, self.fail_after, self.text, self.gate = pieces, delay, fail_after, text, gate
         self.piece = piece
         self.served: list[int] = []

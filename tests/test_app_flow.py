@@ -395,7 +395,7 @@ def test_a_queued_turn_that_is_stopped_leaves_the_line_at_once(tmp_path: Path, q
     """Stop (or a cut-in, or a lost socket) while the turn waits behind another tab's: the client drops its
     connection at once (it used to wait in a blocking read for the server's next bytes, up to a second in
     line and the model's whole first step while served), so the server's line shrinks at once."""
-    with serving_engine(EchoEngine(thinking_s=3.0, realtime=True)) as slow_url:
+    with serving_engine(EchoEngine(thinking_s=3.0, realtime=True, max_batch=1)) as slow_url:  # one at a time
         handlers = Handlers(Backend(server_url=slow_url))
         first = Tab.opened(handlers, new_session(tmp_path / "first"))
         first.talk(question)
@@ -514,9 +514,13 @@ def test_the_chat_api_with_gradio_client(tmp_path: Path, question: np.ndarray, e
 
 @pytest.mark.slow
 def test_a_tab_waiting_for_the_server_says_it_is_queued(
-    tmp_path: Path, question: np.ndarray, long_question: np.ndarray, echo_url: str
+    tmp_path: Path, question: np.ndarray, long_question: np.ndarray
 ) -> None:
-    handlers = Handlers(Backend(server_url=echo_url))
+    with serving_engine(EchoEngine(thinking_s=0.05, realtime=True, max_batch=1)) as one_at_a_time:
+        tab_waits_for_another(Handlers(Backend(server_url=one_at_a_time)), tmp_path, question, long_question)
+
+
+def tab_waits_for_another(handlers: Handlers, tmp_path: Path, question: np.ndarray, long_question: np.ndarray) -> None:
     first = Tab.opened(handlers, new_session(tmp_path / "a"))
     second = Tab.opened(handlers, new_session(tmp_path / "b"))
     first.talk(long_question)

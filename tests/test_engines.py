@@ -18,6 +18,7 @@ MODULE = "omni_server.mini_omni.engine"
 
 class FakeMiniOmni:
     name = "mini-omni"
+    max_batch = 1
     fail_with: Exception | None = None
 
     def __init__(
@@ -90,3 +91,11 @@ def test_forced_echo_never_tries_mini_omni(monkeypatch: pytest.MonkeyPatch) -> N
     assert engine.name == "echo"
     assert note == "echo engine (chosen with --engine echo)"
     assert all(name == "echo" for name, _ in reports)
+
+
+def test_max_batch_reaches_the_echo_engine_and_mini_omni_keeps_its_one(fake_mini_omni, tmp_path: Path) -> None:
+    echo, _ = load_engine(EngineOptions(EngineChoice.ECHO, max_batch=3), lambda *report: None)
+    assert echo.max_batch == 3
+    assert load_engine(EngineOptions(EngineChoice.ECHO), lambda *report: None)[0].max_batch == 4, "its default"
+    mini_omni, _ = load_engine(EngineOptions(EngineChoice.MINI_OMNI, tmp_path, max_batch=3), lambda *report: None)
+    assert mini_omni.max_batch == 1, "its decode serves one request at a time"

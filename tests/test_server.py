@@ -244,6 +244,34 @@ def test_requests_are_served_one_at_a_time_in_arrival_order() -> None:
     assert all(body == PIECE * 2 for body in results.values())
 
 
+def test_an_engine_that_serves_two_at_once_gets_two_and_the_third_waits_its_turn() -> None:
+    """`max_batch` 2: the first two requests are generated side by side, the third hears its place (1, then 0)
+    and is served as soon as one of them is done; /health says so throughout."""
+    gate = threading.Event()
+    engine = ScriptedEngine(pieces=2, gate=gate, max_batch=2)
+    answers: dict[int, bytes] = {}
+
+    def send(marker: int) -> None:
+        body = chat_body(max_tokens=marker, stream_text=marker == 103)
+        answers[marker] = requests.post(f"{url}/chat", json=body, timeout=TIMEOUT).content
+
+    with serving_engine(engine) as url:
+        threads = [threading.Thread(target=send, args=(marker,)) for marker in (101, 102, 103)]
+        for number, thread in enumerate(threads, start=1):
+            thread.start()
+            wait_for(lambda number=number: len(engine.served) == min(number, 2), what="both served at once")
+        wait_for(lambda: health(url)["waiting"] == 1, what="the third in line")
+        assert health(url)["busy"] and health(url)["max_batch"] == 2
+        assert sorted(engine.served) == [101, 102], "the third waits while two are generated"
+        gate.set()
+        for thread in threads:
+            thread.join(timeout=10)
+        assert health(url)["waiting"] == 0 and health(url)["busy"] is False
+    assert sorted(engine.served) == [101, 102, 103]
+    assert answers[101] == answers[102] == PIECE * 2
+    assert b'{"queue_position": 1}' in answers[103] and answers[103].count(b"Content-Type: audio/wav") == 2
+
+
 @pytest.mark.slow
 def test_the_place_in_line_is_taken_on_arrival_not_after_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     """A long upload that takes a second to decode is still served before a short one sent after it."""
@@ -356,6 +384,7 @@ def test_a_question_asked_while_loading_waits_and_is_answered_once_ready() -> No
             "detail": "loading weights",
             "busy": False,
             "waiting": 0,
+            "max_batch": 1,  # until the engine is loaded and says how many it serves at once
         }
         answers: dict[str, requests.Response] = {}
 

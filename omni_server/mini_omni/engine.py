@@ -186,6 +186,7 @@ class MiniOmniEngine:
     """mini-omni (clean-room, built from the spec; see docs/mini-omni.md) as an `omni_server.engine.Engine`."""
 
     name = "mini-omni"
+    max_batch = 1  # its decode serves one request at a time (the model and codec hold per-call state)
 
     def __init__(
         self,
