@@ -1,0 +1,113 @@
+"""Several conversations at once: what a second and a fourth simultaneous request cost each other.
+
+For each engine, a real omni_server on 127.0.0.1 (in this process, under uvicorn) gets 1, 2 and 4 identical
+requests at the same moment through the app's own client (omni_client.stream_reply). Per request: first audio
+(send -> first PCM byte) and seconds of reply audio; per level: wall time, aggregate seconds of reply audio
+per wall second, and the ratio of that to one request's. Engines:
+- echo: the echo engine as the app launches it (4 at once), paced like the model;
+- mini-omni-tiny: the mini-omni engine on a tiny recipe checkpoint (built here, no download), which serves
+  one request at a time until its decode is batched; "three identical requests at once / serially" is the
+  ratio the batching work is to bring to <= 0.5.
+
+Usage: python bench/concurrency.py [--levels 1 2 4]
+Prints one JSON object on the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from omni_client import ReplyAudio, stream_reply, utterance_wav  # noqa: E402
+from omni_server.echo import EchoEngine  # noqa: E402
+from omni_server.engine import Engine  # noqa: E402
+from omni_server.protocol import OUTPUT_SAMPLE_RATE  # noqa: E402
+from tests.mini_omni_helpers import chirp_audio, write_tiny_checkpoint  # noqa: E402
+from tests.servers import serving_engine  # noqa: E402
+
+
+def one_request(url: str, wav: bytes, began: float) -> dict:
+    first, samples, pcm = None, 0, bytearray()  # the app's request: stride 4, max_tokens 2048
+    for event in stream_reply(url, wav):
+        if isinstance(event, ReplyAudio):
+            first = first if first is not None else time.perf_counter() - began
+            samples += len(event.pcm) // 2
+            pcm += event.pcm
+    return {
+        "first_audio_s": round(first or -1.0, 3),
+        "audio_s": round(samples / OUTPUT_SAMPLE_RATE, 2),
+        "done_s": round(time.perf_counter() - began, 3),
+        "pcm": bytes(pcm),
+    }
+
+
+def at_once(url: str, wav: bytes, count: int) -> dict:
+    results: list[dict] = [{} for _ in range(count)]
+    began = time.perf_counter()
+
+    def run(index: int) -> None:
+        results[index] = one_request(url, wav, began)
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - began
+    audio = sum(result["audio_s"] for result in results)
+    return {
+        "requests": count,
+        "wall_s": round(wall, 3),
+        "audio_s_per_wall_s": round(audio / wall, 3),
+        "first_audio_s": sorted(result["first_audio_s"] for result in results),
+        "replies_identical": len({result["pcm"] for result in results}) == 1,
+    }
+
+
+def measure(engine: Engine, wav: bytes, levels: list[int]) -> dict:
+    with serving_engine(engine) as url:
+        one_request(url, wav, time.perf_counter())  # the first call's costs, paid once
+        rows = [at_once(url, wav, count) for count in levels]
+        serial_began = time.perf_counter()
+        for _ in range(3):
+            one_request(url, wav, time.perf_counter())
+        serial_s = time.perf_counter() - serial_began
+        three = at_once(url, wav, 3)
+    single = rows[0]["audio_s_per_wall_s"]
+    for row in rows:
+        row["throughput_vs_one"] = round(row["audio_s_per_wall_s"] / single, 2)
+    return {
+        "max_batch": engine.max_batch,
+        "levels": rows,
+        "three_at_once_over_serial": round(three["wall_s"] / serial_s, 2),
+        "three_at_once_last_first_audio_s": three["first_audio_s"][-1],
+        "three_at_once_identical": three["replies_identical"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--levels", type=int, nargs="+", default=[1, 2, 4])
+    args = parser.parse_args()
+    wav = utterance_wav(chirp_audio(2.0))
+    result: dict = {"echo": measure(EchoEngine(), wav, args.levels)}
+    print(json.dumps(result), flush=True)
+    from omni_server.mini_omni.engine import MiniOmniEngine
+
+    with tempfile.TemporaryDirectory(prefix="concurrency-") as scratch:
+        engine = MiniOmniEngine(write_tiny_checkpoint(Path(scratch) / "tiny"), device="cpu")
+        engine.load(lambda _: None)
+        result["mini_omni_tiny"] = measure(engine, wav, args.levels)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
