@@ -261,3 +261,10 @@ def heard_between(capture: Recording, start: float, end: float) -> float:
     times, levels = capture.blocks()
     inside = (times >= start) & (times < end)
     return float(np.sum(levels[inside] > -50.0)) * 0.01
+
+
+def assert_silenced_at_once(capture: Recording, clicked: float) -> None:
+    """What a user hears of Stop clicked at `clicked` (wall clock): the reply stops within 0.5 s, for good."""
+    silent_from = capture.sound_stopped_after(clicked - 0.3, quiet_s=0.5)
+    assert silent_from is not None and silent_from - clicked < 0.5, "Stop silences the reply at once"
+    assert heard_between(capture, clicked + 0.5, time.time()) == 0.0, "and nothing plays after it"

@@ -180,9 +180,7 @@ def test_a_question_asked_while_the_model_loads_is_answered_and_stop_frees_the_s
             time.sleep(1.5)  # the recording catches up
             playing = harness.heard_between(capture, clicked - 0.5, clicked)
             assert playing > 0.1, "the reply was playing when Stop was clicked"
-            silent_from = capture.sound_stopped_after(clicked - 0.3, quiet_s=0.5)
-            assert silent_from is not None and silent_from - clicked < 0.5, "Stop silences the reply at once"
-            assert harness.heard_between(capture, clicked + 0.5, time.time()) == 0.0, "and nothing plays after it"
+            harness.assert_silenced_at_once(capture, clicked)
             harness.wait_for(
                 page,
                 "document.querySelector('#chatbot').innerText.includes('stopped after')",
