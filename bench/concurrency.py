@@ -9,7 +9,10 @@ per wall second, and the ratio of that to one request's. Engines:
   one request at a time until its decode is batched; "three identical requests at once / serially" is the
   ratio the batching work is to bring to <= 0.5.
 
-Usage: python bench/concurrency.py [--levels 1 2 4]
+With --server-url, the same against a running server, e.g. Serve's proxy in front of 2 echo replicas, beside
+the in-process echo server: the ratio of first audio is what the proxy adds.
+
+Usage: python bench/concurrency.py [--levels 1 2 4] [--server-url URL]
 Prints one JSON object on the last line.
 """
 
@@ -26,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from omni_client import ReplyAudio, stream_reply, utterance_wav  # noqa: E402
+from omni_client import ReplyAudio, fetch_health, stream_reply, utterance_wav  # noqa: E402
 from omni_server.echo import EchoEngine  # noqa: E402
 from omni_server.engine import Engine  # noqa: E402
 from omni_server.protocol import OUTPUT_SAMPLE_RATE  # noqa: E402
@@ -72,20 +75,19 @@ def at_once(url: str, wav: bytes, count: int) -> dict:
     }
 
 
-def measure(engine: Engine, wav: bytes, levels: list[int]) -> dict:
-    with serving_engine(engine) as url:
-        one_request(url, wav, time.perf_counter())  # the first call's costs, paid once
-        rows = [at_once(url, wav, count) for count in levels]
-        serial_began = time.perf_counter()
-        for _ in range(3):
-            one_request(url, wav, time.perf_counter())
-        serial_s = time.perf_counter() - serial_began
-        three = at_once(url, wav, 3)
+def measure(url: str, wav: bytes, levels: list[int]) -> dict:
+    one_request(url, wav, time.perf_counter())  # the first call's costs, paid once
+    rows = [at_once(url, wav, count) for count in levels]
+    serial_began = time.perf_counter()
+    for _ in range(3):
+        one_request(url, wav, time.perf_counter())
+    serial_s = time.perf_counter() - serial_began
+    three = at_once(url, wav, 3)
     single = rows[0]["audio_s_per_wall_s"]
     for row in rows:
         row["throughput_vs_one"] = round(row["audio_s_per_wall_s"] / single, 2)
     return {
-        "max_batch": engine.max_batch,
+        "max_batch": fetch_health(url).max_batch,
         "levels": rows,
         "three_at_once_over_serial": round(three["wall_s"] / serial_s, 2),
         "three_at_once_last_first_audio_s": three["first_audio_s"][-1],
@@ -93,19 +95,30 @@ def measure(engine: Engine, wav: bytes, levels: list[int]) -> dict:
     }
 
 
+def measure_engine(engine: Engine, wav: bytes, levels: list[int]) -> dict:
+    with serving_engine(engine) as url:
+        return measure(url, wav, levels)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--server-url", help="also measure this running server (e.g. Serve's proxy)")
     args = parser.parse_args()
     wav = utterance_wav(chirp_audio(2.0))
-    result: dict = {"echo": measure(EchoEngine(), wav, args.levels)}
+    result: dict = {"echo": measure_engine(EchoEngine(), wav, args.levels)}
     print(json.dumps(result), flush=True)
+    if args.server_url:
+        result["server_url"] = measure(args.server_url, wav, args.levels)
+        ratio = result["server_url"]["levels"][0]["first_audio_s"][0] / result["echo"]["levels"][0]["first_audio_s"][0]
+        result["server_url_first_audio_over_echo_alone"] = round(ratio, 3)
+        print(json.dumps(result), flush=True)
     from omni_server.mini_omni.engine import MiniOmniEngine
 
     with tempfile.TemporaryDirectory(prefix="concurrency-") as scratch:
         engine = MiniOmniEngine(write_tiny_checkpoint(Path(scratch) / "tiny"), device="cpu")
         engine.load(lambda _: None)
-        result["mini_omni_tiny"] = measure(engine, wav, args.levels)
+        result["mini_omni_tiny"] = measure_engine(engine, wav, args.levels)
     print(json.dumps(result))
 
 
