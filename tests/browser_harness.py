@@ -268,3 +268,22 @@ def assert_silenced_at_once(capture: Recording, clicked: float) -> None:
     silent_from = capture.sound_stopped_after(clicked - 0.3, quiet_s=0.5)
     assert silent_from is not None and silent_from - clicked < 0.5, "Stop silences the reply at once"
     assert heard_between(capture, clicked + 0.5, time.time()) == 0.0, "and nothing plays after it"
+
+
+def click(page: object, selector: str) -> None:
+    """A real mouse click in the middle of the element, with no actionability waits."""
+    box = page.locator(selector).bounding_box()  # type: ignore[attr-defined]
+    page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)  # type: ignore[attr-defined]
+
+
+def stop_conversation(page: object) -> float:
+    """Click Stop as a user does and wait for the status line to say so; the click's wall-clock time."""
+    click(page, "#stop")
+    clicked = page.evaluate("window.__stopClickedAt")  # type: ignore[attr-defined]
+    wait_for(
+        page,
+        "document.querySelector('#status').innerText.includes('Stopped')",
+        10,
+        "the status line to say the conversation stopped",
+    )
+    return clicked

@@ -88,16 +88,8 @@ def test_a_conversation_heard_turn_after_turn_then_stop(url: str, pulse) -> None
             script.spans["q3"][1] + 20 - (time.time() - room),
             "reply 3 to sound",
         )
-        box = page.locator("#stop").bounding_box()
         time.sleep(0.5)
-        page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)  # no actionability waits
-        clicked = page.evaluate("window.__stopClickedAt")
-        harness.wait_for(
-            page,
-            "document.querySelector('#status').innerText.includes('Stopped')",
-            10,
-            "the status line to say the conversation stopped",
-        )
+        clicked = harness.stop_conversation(page)
         time.sleep(1.0)
         harness.assert_silenced_at_once(capture, clicked)
         harness.wait_for(

@@ -105,12 +105,6 @@ def heard_soon_after(capture: Recording, since: float, until: float | None = Non
     return sound
 
 
-def click(page: object, selector: str) -> None:
-    """A real mouse click in the middle of the element, with no actionability waits."""
-    box = page.locator(selector).bounding_box()  # type: ignore[attr-defined]
-    page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)  # type: ignore[attr-defined]
-
-
 def test_a_question_asked_while_the_model_loads_is_answered_and_stop_frees_the_server(
     pulse, endless_checkpoint: Path, tmp_path: Path
 ) -> None:
@@ -133,7 +127,7 @@ def test_a_question_asked_while_the_model_loads_is_answered_and_stop_frees_the_s
         ):
             page.goto(app.url)
             harness.wait_for(page, "document.querySelector('#start') !== null", 60, "the page")
-            click(page, "#start")
+            harness.click(page, "#start")
             harness.wait_for(page, "window.__mic.firstOpenedAt !== null", 15, "the microphone to open")
             room = harness.mic_opened_at(page)
 
@@ -169,14 +163,7 @@ def test_a_question_asked_while_the_model_loads_is_answered_and_stop_frees_the_s
             while harness.heard_between(capture, first_sound, time.time()) < 1.0 and time.monotonic() < deadline:
                 time.sleep(0.1)
 
-            click(page, "#stop")
-            clicked = page.evaluate("window.__stopClickedAt")
-            harness.wait_for(
-                page,
-                "document.querySelector('#status').innerText.includes('Stopped')",
-                10,
-                "the status line to say the conversation stopped",
-            )
+            clicked = harness.stop_conversation(page)
             time.sleep(1.5)  # the recording catches up
             playing = harness.heard_between(capture, clicked - 0.5, clicked)
             assert playing > 0.1, "the reply was playing when Stop was clicked"
@@ -193,11 +180,11 @@ def test_a_question_asked_while_the_model_loads_is_answered_and_stop_frees_the_s
             # Talk again: the next question is answered at once, so the abandoned reply no longer holds the
             # server (unstopped, it would generate for a minute more).
             assert time.time() - room < script.spans["q2"][0] - 3, "the test reached its second question in time"
-            click(page, "#start")
+            harness.click(page, "#start")
             q2_end = room + script.spans["q2"][1]
             second_sound = heard_soon_after(capture, q2_end, until=q2_end + 10)
             assert second_sound is not None and second_sound - q2_end < 10, "answered without waiting"
-            click(page, "#stop")
+            harness.click(page, "#stop")
             harness.wait_for(
                 page,
                 'document.querySelectorAll(\'#chatbot [data-testid="bot"] '
