@@ -33,7 +33,7 @@ import turn_weights  # noqa: E402
 from bench.engine import with_tokenizer, write_full_checkpoint  # noqa: E402
 from tests import browser_harness as harness  # noqa: E402
 from tests.sound_capture import PulseAudio, private_pulse, recording  # noqa: E402
-from tests.speech import join, silence, speak, trim, write_wav  # noqa: E402
+from tests.speech import silence, speak, trim  # noqa: E402
 
 RATE = 16_000
 OUTPUT = ROOT / "test-output" / "bench"
@@ -42,13 +42,12 @@ QUESTIONS = ["What is the capital of France?", "And how many people live there?"
 
 def microphone_file(gap_s: float) -> tuple[Path, list[tuple[float, float]]]:
     """The questions `gap_s` apart (start to start), and where each lies in the file (seconds)."""
-    parts, spans, at = [silence(0.5)], [], 0.5
-    for text in QUESTIONS:
+    script = harness.Script().add(silence(0.5))
+    for number, text in enumerate(QUESTIONS, start=1):
         spoken = trim(speak(text))
-        spans.append((at, at + len(spoken) / RATE))
-        parts += [spoken, silence(gap_s - len(spoken) / RATE)]
-        at += gap_s
-    return write_wav(OUTPUT / "model-in-page.wav", join(*parts, silence(30.0))), spans
+        script.add(spoken, f"q{number}").add(silence(gap_s - len(spoken) / RATE))
+    spans = [script.spans[f"q{number}"] for number in range(1, len(QUESTIONS) + 1)]
+    return script.write(OUTPUT / "model-in-page.wav"), spans
 
 
 def engine_ready_at(app_log: Path) -> float | None:

@@ -19,12 +19,11 @@ from typing import Any
 from ray import serve
 from ray.serve import Application, Deployment
 
+from omni_server.echo import DEFAULT_MAX_BATCH as ECHO_MAX_BATCH
 from omni_server.engine_host import EngineHost
 from omni_server.engines import MINI_OMNI, EngineChoice, EngineOptions, load_engine
 from omni_server.http_app import create_app
 from omni_server.protocol import HealthStatus
-
-DEFAULT_MAX_BATCH = {EngineChoice.ECHO: 4, EngineChoice.MINI_OMNI: 1, EngineChoice.AUTO: 1}
 
 
 class OmniServer:
@@ -54,7 +53,8 @@ def build(args: dict[str, str]) -> Application:
     Keys: engine (auto|echo|mini-omni), checkpoint_dir, device, dtype, max_batch, gpus_per_replica, and either
     replicas (a fixed count, default 1) or min_replicas and max_replicas (autoscaling on ongoing requests)."""
     choice = EngineChoice(args.get("engine", EngineChoice.AUTO.value))
-    max_batch = int(args.get("max_batch", DEFAULT_MAX_BATCH[choice]))
+    # Serve needs the figure before a replica has loaded its engine: the echo engine's default, else mini-omni's 1.
+    max_batch = int(args.get("max_batch", ECHO_MAX_BATCH if choice is EngineChoice.ECHO else 1))
     options = EngineOptions(
         choice,
         Path(args["checkpoint_dir"]) if "checkpoint_dir" in args else None,

@@ -239,8 +239,7 @@ class MiniOmniEngine:
         max_tokens = prompt_length(audio) + 1 + first_piece_steps(DecodeMode.REFERENCE, stride)
         features = None
         if self.device.type == "cpu":
-            assert self._model is not None
-            shape = (BATCH, feature_length(len(audio)), self._model.config.n_embd)
+            shape = (BATCH, feature_length(len(audio)), self.model.config.n_embd)
             features = torch.zeros(shape, device=self.device, dtype=self.dtype)
         request = ChatRequest(audio=audio, stream_stride=stride, max_tokens=max_tokens)
         for _ in self.generate(request, features=features):
@@ -298,7 +297,6 @@ class MiniOmniEngine:
                 log.info("reply: %s", stats.summary())
 
     def _streamer(self, request: ChatRequest, noise: Noise | None) -> AudioStreamer:
-        assert self._codec is not None
         if self.mode is DecodeMode.REFERENCE:
-            return ReferenceStreamer(self._codec, request.stream_stride, noise or GlobalRngNoise())
-        return SeamlessStreamer(self._codec, request.stream_stride, noise or SeededNoise(request_seed(request)))
+            return ReferenceStreamer(self.codec, request.stream_stride, noise or GlobalRngNoise())
+        return SeamlessStreamer(self.codec, request.stream_stride, noise or SeededNoise(request_seed(request)))
