@@ -30,10 +30,11 @@ sys.path.insert(0, str(REPO))
 
 from omni_server.engine import AudioPiece, ChatRequest  # noqa: E402
 from omni_server.mini_omni import recipe  # noqa: E402
+from omni_server.mini_omni.batch import generate_steps  # noqa: E402
 from omni_server.mini_omni.checkpoint import TOKENIZER_FILE  # noqa: E402
 from omni_server.mini_omni.config import WHISPER_SMALL, real_config  # noqa: E402
 from omni_server.mini_omni.engine import MiniOmniEngine  # noqa: E402
-from omni_server.mini_omni.generate import generate_steps, prompt_length  # noqa: E402
+from omni_server.mini_omni.generate import prompt_length  # noqa: E402
 from tests.mini_omni_helpers import chirp_audio, word_tokenizer  # noqa: E402
 
 SPEED_SEED = 7

@@ -14,7 +14,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from omni_server.mini_omni.generate import generate_steps  # noqa: E402
+from omni_server.mini_omni.batch import generate_steps  # noqa: E402
 from tests.mini_omni_helpers import GOLDEN, golden_a_model, load_golden, read_wav  # noqa: E402
 
 

@@ -61,7 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max-batch",
         type=at_least_one,
         default=None,
-        help="replies generated at once; later requests wait in line (default: the engine's: echo 4, mini-omni 1)",
+        help="replies generated at once; later requests wait in line "
+        "(default: echo 4, mini-omni 4 on a CPU and 8 on CUDA)",
     )
     parser.add_argument(
         "--stop-on-stdin-close",

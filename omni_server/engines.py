@@ -37,7 +37,7 @@ class EngineOptions:
     device: str | None = None
     dtype: str | None = None
     decode_mode: str = "default"  # mini-omni: "default" (seamless, tail sent) or "reference" (the reference's bytes)
-    max_batch: int | None = None  # replies at once; None: the engine's own default (mini-omni serves one)
+    max_batch: int | None = None  # replies at once; None: the engine's own default
 
 
 def load_engine(options: EngineOptions, report: LoadReport) -> tuple[Engine, str]:
@@ -71,12 +71,12 @@ def _load_mini_omni(options: EngineOptions, report: LoadReport) -> MiniOmniEngin
     from omni_server.mini_omni.engine import MiniOmniEngine  # here, so this module imports without it
 
     engine = MiniOmniEngine(
-        options.checkpoint_dir, device=options.device, dtype=options.dtype, mode=options.decode_mode
+        options.checkpoint_dir,
+        device=options.device,
+        dtype=options.dtype,
+        mode=options.decode_mode,
+        max_batch=options.max_batch,
     )
-    if options.max_batch is not None and options.max_batch > engine.max_batch:
-        log.warning(
-            "mini-omni serves %d reply at a time; --max-batch %d is not used", engine.max_batch, options.max_batch
-        )
     engine.load(lambda detail: report(MINI_OMNI, detail))
     return engine
 

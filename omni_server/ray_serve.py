@@ -47,14 +47,24 @@ class OmniServer:
 DEPLOYMENT: Deployment = serve.deployment(name="omni_server")(serve.ingress()(OmniServer))
 
 
+def default_max_batch(choice: EngineChoice, args: dict[str, str]) -> int:
+    """The echo engine's default, or mini-omni's on the device a replica will have (CUDA when given a GPU)."""
+    if choice is EngineChoice.ECHO:
+        return ECHO_MAX_BATCH
+    from omni_server.mini_omni.engine import MAX_BATCH_BY_DEVICE  # here: torch only where mini-omni may run
+
+    device = args.get("device") or ("cuda" if float(args.get("gpus_per_replica", 0)) > 0 else "cpu")
+    return MAX_BATCH_BY_DEVICE.get(device.split(":", 1)[0], 1)
+
+
 def build(args: dict[str, str]) -> Application:
     """The application for `serve run omni_server.ray_serve:build key=value ...`.
 
     Keys: engine (auto|echo|mini-omni), checkpoint_dir, device, dtype, max_batch, gpus_per_replica, and either
     replicas (a fixed count, default 1) or min_replicas and max_replicas (autoscaling on ongoing requests)."""
     choice = EngineChoice(args.get("engine", EngineChoice.AUTO.value))
-    # Serve needs the figure before a replica has loaded its engine: the echo engine's default, else mini-omni's 1.
-    max_batch = int(args.get("max_batch", ECHO_MAX_BATCH if choice is EngineChoice.ECHO else 1))
+    # Serve needs the figure before a replica has loaded its engine: the engine's own default otherwise.
+    max_batch = int(args["max_batch"]) if "max_batch" in args else default_max_batch(choice, args)
     options = EngineOptions(
         choice,
         Path(args["checkpoint_dir"]) if "checkpoint_dir" in args else None,

@@ -18,12 +18,18 @@ MODULE = "omni_server.mini_omni.engine"
 
 class FakeMiniOmni:
     name = "mini-omni"
-    max_batch = 1
+    max_batch = 1  # what a host serving it reads
     fail_with: Exception | None = None
 
     def __init__(
-        self, checkpoint_dir: Path | None, device: str | None = None, dtype: str | None = None, mode: str = "default"
+        self,
+        checkpoint_dir: Path | None,
+        device: str | None = None,
+        dtype: str | None = None,
+        mode: str = "default",
+        max_batch: int | None = None,
     ) -> None:
+        self.asked_max_batch = max_batch  # None: the engine's own default
         self.checkpoint_dir = checkpoint_dir
         self.device = torch.device("cpu")
         self.dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
@@ -93,9 +99,11 @@ def test_forced_echo_never_tries_mini_omni(monkeypatch: pytest.MonkeyPatch) -> N
     assert all(name == "echo" for name, _ in reports)
 
 
-def test_max_batch_reaches_the_echo_engine_and_mini_omni_keeps_its_one(fake_mini_omni, tmp_path: Path) -> None:
+def test_max_batch_reaches_each_engine(fake_mini_omni, tmp_path: Path) -> None:
     echo, _ = load_engine(EngineOptions(EngineChoice.ECHO, max_batch=3), lambda *report: None)
     assert echo.max_batch == 3
     assert load_engine(EngineOptions(EngineChoice.ECHO), lambda *report: None)[0].max_batch == 4, "its default"
     mini_omni, _ = load_engine(EngineOptions(EngineChoice.MINI_OMNI, tmp_path, max_batch=3), lambda *report: None)
-    assert mini_omni.max_batch == 1, "its decode serves one request at a time"
+    assert mini_omni.asked_max_batch == 3
+    mini_omni, _ = load_engine(EngineOptions(EngineChoice.MINI_OMNI, tmp_path), lambda *report: None)
+    assert mini_omni.asked_max_batch is None, "it picks its own from the device"

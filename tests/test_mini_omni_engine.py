@@ -19,6 +19,7 @@ import torch
 
 from omni_server.engine import AudioPiece, ChatRequest, RequestRejected, TextPiece
 from omni_server.mini_omni import checkpoint
+from omni_server.mini_omni.batch import generate_steps
 from omni_server.mini_omni.checkpoint import CheckpointError, download_verified, locate
 from omni_server.mini_omni.codec import (
     FRAME_SAMPLES,
@@ -31,7 +32,7 @@ from omni_server.mini_omni.codec import (
 )
 from omni_server.mini_omni.config import EOT, GPTConfig
 from omni_server.mini_omni.engine import MiniOmniEngine, cpu_computes_bf16, pick_dtype, request_seed
-from omni_server.mini_omni.generate import generate_steps, prompt_length
+from omni_server.mini_omni.generate import prompt_length
 from omni_server.mini_omni.text import load_tokenizer
 from omni_server.mini_omni.whisper import WhisperEncoder
 from tests import mini_omni_helpers as helpers
@@ -245,8 +246,8 @@ def test_the_cpu_warm_up_pays_the_first_call_costs_without_the_whisper_encoder(
     """The encoder's fixed 30 s input costs the same every call, so the warm-up skips it (bench/warm_up.py);
     it still runs a reply through the prefill, the steps and SNAC."""
     encodes: list[int] = []
-    forward = WhisperEncoder.forward
-    monkeypatch.setattr(WhisperEncoder, "forward", lambda self, *a, **k: encodes.append(1) or forward(self, *a, **k))
+    in_parts = WhisperEncoder.in_parts  # what `forward` runs too
+    monkeypatch.setattr(WhisperEncoder, "in_parts", lambda self, *a, **k: encodes.append(1) or in_parts(self, *a, **k))
     engine, _ = load_engine(tiny_dir, "default")
     assert encodes == [] and engine.last_reply is not None and engine.last_reply.audio_samples > 0
     reply(engine, ChatRequest(audio=chirp))

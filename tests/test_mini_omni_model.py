@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from omni_server.mini_omni import checkpoint, recipe
+from omni_server.mini_omni.batch import generate_steps
 from omni_server.mini_omni.config import EOT, PAD_T, WHISPER_TINY, GPTConfig, WhisperDims
 from omni_server.mini_omni.generate import (
     Step,
     StopReason,
     audio_embeddings,
     decode_ids,
-    generate_steps,
     max_tokens_error,
     prompt_ids,
     prompt_length,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -296,6 +297,7 @@ class SnacCodec:
         self.noise: Noise = ZeroNoise()
         self.noise_start = 0
         self.noise_per_frame = 0
+        self._decoding = threading.Lock()  # the noise fields above belong to one decode at a time
 
     @classmethod
     def load(cls, source: str | Path = SNAC_HUB_REPO, device: str | torch.device = "cpu") -> SnacCodec:
@@ -325,9 +327,9 @@ class SnacCodec:
         if not frames:
             return np.zeros(0, dtype=np.float32)
         codes = [torch.tensor([c], dtype=torch.long, device=self.device) for c in frame_codes(frames)]
-        self.noise = noise
-        try:
-            with torch.inference_mode():
+        with self._decoding, torch.inference_mode():
+            self.noise = noise
+            try:
                 x = self.model.quantizer.from_codes(codes)
                 origin = first_frame * FRAME_SAMPLES // self._stages[0].scale  # absolute index of x[..., 0]
                 for stage, margin in zip(self._stages, self._margins):
@@ -338,8 +340,8 @@ class SnacCodec:
                         lo = max(0, (region[0] - margin) // stage.scale - 1 - origin)
                         hi = min(x.shape[-1], -(-(region[1] + margin) // stage.scale) + 1 - origin)
                         x, origin = x[..., lo:hi], origin + lo
-        finally:
-            self.noise = ZeroNoise()
+            finally:
+                self.noise = ZeroNoise()
         audio = x.reshape(-1).float().cpu().numpy()
         return audio if region is None else audio[region[0] - origin : region[1] - origin]
 

@@ -3,13 +3,18 @@
 The model is described in docs/mini-omni.md §6-§10.
 
 Plain PyTorch in the gpt-fast manner: one readable forward, a KV cache that stores only the grouped K/V
-heads and is allocated once per model (batch 2, block_size positions), and a head that computes only the
-logits the decoder reads (item 0's audio slices, item 1's text slice).
+heads and is allocated once per model (two rows per slot, block_size positions), and a head that computes
+only the logits the decoder reads (item 0's audio slices, item 1's text slice).
+
+Slots serve several requests at once (docs/mini-omni.md §15): a request's prompt is prefilled into its own
+slot's rows, and `decode` runs one position of every slot in one forward whose shape never changes (all
+slots' rows, busy or not), so a request's numbers do not depend on who else is being served.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -24,7 +29,7 @@ from omni_server.mini_omni.layers import Linear
 from omni_server.mini_omni.mapped import load_mapped
 from omni_server.mini_omni.whisper import WhisperEncoder
 
-BATCH = 2  # item 0 answers with audio, item 1 with text only (docs/mini-omni.md §7)
+ITEMS = 2  # a request's rows: item 0 answers with audio, item 1 with text only (docs/mini-omni.md §7)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -97,31 +102,65 @@ class Attention(nn.Module):
             raise RuntimeError("the KV cache is not allocated: GPT.prepare has not run")
         return self.k_cache, self.v_cache
 
-    def forward(self, x: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x: [B, T, d] at positions start..start+T-1; attends causally to the cache and itself."""
+    def _qkv(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B, H, T, n] and k, v [B, G, T, n] of x [B, T, d], RoPE applied."""
         c = self.config
         b, t, _ = x.shape
         groups, per_group, n = c.n_query_groups, c.q_per_kv, c.head_size
         qkv = self.attn(x).view(b, t, groups, per_group + 2, n)
-        q = qkv[:, :, :, :per_group].reshape(b, t, c.n_head, n).transpose(1, 2)  # [B, H, T, n]
-        k = qkv[:, :, :, per_group].transpose(1, 2)  # [B, G, T, n]
+        q = qkv[:, :, :, :per_group].reshape(b, t, c.n_head, n).transpose(1, 2)
+        k = qkv[:, :, :, per_group].transpose(1, 2)
         v = qkv[:, :, :, per_group + 1].transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
+    def _attend_one(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """One new position [B, H, 1, n] against its cached keys: each group's query heads fold into the query axis."""
+        b, _, _, n = q.shape
+        groups = self.config.n_query_groups
+        return F.scaled_dot_product_attention(q.view(b, groups, self.config.q_per_kv, n), keys, values)
+
+    def _project(self, out: torch.Tensor, b: int, t: int) -> torch.Tensor:
+        c = self.config
+        return self.proj(out.reshape(b, c.n_head, t, c.head_size).transpose(1, 2).reshape(b, t, c.n_head * c.head_size))
+
+    def forward(self, x: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor, row: int = 0) -> torch.Tensor:
+        """x: [B, T, d] at positions start..start+T-1, in cache rows row..row+B-1; attends causally to the
+        cache and itself."""
+        b, t, _ = x.shape
+        q, k, v = self._qkv(x, cos, sin)
         end = start + t
         k_cache, v_cache = self.cache()
-        k_cache[:b, :, start:end] = k
-        v_cache[:b, :, start:end] = v
-        keys, values = k_cache[:b, :, :end], v_cache[:b, :, :end]
+        rows = slice(row, row + b)
+        k_cache[rows, :, start:end] = k
+        v_cache[rows, :, start:end] = v
+        keys, values = k_cache[rows, :, :end], v_cache[rows, :, :end]
         if t == 1:
-            # One new position sees every cached one: fold each group's query heads into the query axis.
-            out = F.scaled_dot_product_attention(q.view(b, groups, per_group, n), keys, values)
+            out = self._attend_one(q, keys, values)
         else:
+            per_group = self.config.q_per_kv
             keys = keys.repeat_interleave(per_group, dim=1)
             values = values.repeat_interleave(per_group, dim=1)
             causal = torch.ones(t, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=causal)
-        return self.proj(out.reshape(b, c.n_head, t, n).transpose(1, 2).reshape(b, t, c.n_head * n))
+        return self._project(out, b, t)
+
+    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: dict[int, int]) -> torch.Tensor:
+        """x: [R, 1, d], every slot's two rows; `positions`: slot -> the position its rows are at, for the busy
+        slots. The projections run over all rows (a fixed shape, whoever is busy); each busy slot writes and
+        attends to its own cache rows exactly as alone; idle rows attend to nothing."""
+        r = x.shape[0]
+        q, k, v = self._qkv(x, cos, sin)
+        k_cache, v_cache = self.cache()
+        out = torch.zeros_like(q)
+        for slot, position in positions.items():
+            rows = slice(ITEMS * slot, ITEMS * slot + ITEMS)
+            k_cache[rows, :, position] = k[rows, :, 0]
+            v_cache[rows, :, position] = v[rows, :, 0]
+            keys, values = k_cache[rows, :, : position + 1], v_cache[rows, :, : position + 1]
+            out[rows] = self._attend_one(q[rows], keys, values).view(ITEMS, -1, 1, q.shape[-1])
+        return self._project(out, r, 1)
 
 
 class Block(nn.Module):
@@ -134,8 +173,12 @@ class Block(nn.Module):
         self.norm_2 = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = GatedMLP(config.n_embd, config.intermediate_size, config.n_embd)
 
-    def forward(self, x: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm_1(x), start, cos, sin)
+    def forward(self, x: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor, row: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.norm_1(x), start, cos, sin, row)
+        return x + self.mlp(self.norm_2(x))
+
+    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: dict[int, int]) -> torch.Tensor:
+        x = x + self.attn.decode(self.norm_1(x), cos, sin, positions)
         return x + self.mlp(self.norm_2(x))
 
 
@@ -173,15 +216,18 @@ class GPT(nn.Module):
         self.rope_sin: torch.Tensor | None = None
         self.head_audio: HeadSlice | None = None
         self.head_text: HeadSlice | None = None
+        self.slots = 1
 
-    def prepare(self, device: torch.device, dtype: torch.dtype) -> None:
-        """Once per model, after loading: RoPE table, KV cache, fast weight layouts and the two head slices."""
+    def prepare(self, device: torch.device, dtype: torch.dtype, slots: int = 1) -> None:
+        """Once per model, after loading: RoPE table, the KV cache of `slots` requests, fast weight layouts and
+        the two head slices."""
+        self.slots = slots
         self.rope_cos, self.rope_sin = rope_table(self.config, device)
         for module in self.transformer.h.modules():  # the decode path; the adapter runs once per request
             if isinstance(module, Linear):
-                module.relayout()
+                module.relayout(rows=ITEMS * slots)
             if isinstance(module, Attention):
-                module.allocate_cache(BATCH, device, dtype)
+                module.allocate_cache(ITEMS * slots, device, dtype)
         # The decoder reads only item 0's audio logits and item 1's text logits (docs/mini-omni.md §10).
         wte, text_vocab = self.transformer.wte.weight.data, self.config.text_vocab_size
         self.head_audio = HeadSlice(wte[text_vocab:], groups=AUDIO_LAYERS)
@@ -201,19 +247,24 @@ class GPT(nn.Module):
             x = x + e[:, stream]
         return x / STREAMS
 
-    def forward(self, ids: torch.Tensor, start: int, audio_embeddings: torch.Tensor | None = None) -> torch.Tensor:
-        """Run positions start..start+T-1 through the blocks (filling the cache); final-norm hidden at the last."""
+    def rope(self, positions: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
         if self.rope_cos is None or self.rope_sin is None:
             raise RuntimeError("the RoPE table is not computed: GPT.prepare has not run")
+        return self.rope_cos[positions], self.rope_sin[positions]
+
+    def forward(
+        self, ids: torch.Tensor, start: int, audio_embeddings: torch.Tensor | None = None, slot: int = 0
+    ) -> torch.Tensor:
+        """Run positions start..start+T-1 of `slot`'s rows through the blocks (filling its cache); final-norm
+        hidden at the last."""
         x = self.embed(ids, audio_embeddings)
-        end = start + x.shape[1]
-        cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
-        for block in self.transformer.h:
-            x = block(x, start, cos, sin)
+        cos, sin = self.rope(slice(start, start + x.shape[1]))
+        for block in self.transformer.blocks():
+            x = block(x, start, cos, sin, row=ITEMS * slot)
         return self.transformer.ln_f(x[:, -1])
 
-    def prefill(self, ids: torch.Tensor, audio_embeddings: torch.Tensor) -> torch.Tensor:
-        """Both items' prompts [2, 8, T] at positions 0..T-1; final-norm hidden at the last position.
+    def prefill(self, ids: torch.Tensor, audio_embeddings: torch.Tensor, slot: int = 0) -> torch.Tensor:
+        """Both items' prompts [2, 8, T] at positions 0..T-1 of `slot`; final-norm hidden at the last position.
 
         The two prompts differ only at the last position (docs/mini-omni.md §7, §9), so the shared prefix runs
         once, at batch 1, and its keys and values are copied to item 1: half the prefill's work for the same result.
@@ -221,26 +272,43 @@ class GPT(nn.Module):
         if not (torch.equal(ids[0, :, :-1], ids[1, :, :-1]) and torch.equal(audio_embeddings[0], audio_embeddings[1])):
             raise ValueError("prefill wants the batch-2 prompt: items that differ only at the last position")
         shared = ids.shape[-1] - 1
-        self(ids[:1, :, :shared], 0, audio_embeddings[:1])
+        self(ids[:1, :, :shared], 0, audio_embeddings[:1], slot)
+        audio_row = ITEMS * slot
         for block in self.transformer.blocks():
             k_cache, v_cache = block.attn.cache()
-            k_cache[1, :, :shared] = k_cache[0, :, :shared]
-            v_cache[1, :, :shared] = v_cache[0, :, :shared]
-        return self(ids[:, :, shared:], shared)
+            k_cache[audio_row + 1, :, :shared] = k_cache[audio_row, :, :shared]
+            v_cache[audio_row + 1, :, :shared] = v_cache[audio_row, :, :shared]
+        return self(ids[:, :, shared:], shared, slot=slot)
+
+    def decode(self, ids: torch.Tensor, positions: dict[int, int]) -> torch.Tensor:
+        """One step of every slot: ids [2 * slots, 8, 1] (idle slots' rows any valid ids); `positions`: busy
+        slot -> its position. Final-norm hidden [2 * slots, d]; idle slots' rows mean nothing."""
+        x = self.embed(ids)
+        index = torch.zeros(ids.shape[0], dtype=torch.long)
+        for slot, position in positions.items():
+            index[ITEMS * slot : ITEMS * slot + ITEMS] = position
+        cos, sin = self.rope(index.to(x.device))
+        cos, sin = cos[:, None, None], sin[:, None, None]  # [R, 1, 1, n]: one position per row
+        for block in self.transformer.blocks():
+            x = block.decode(x, cos, sin, positions)
+        return self.transformer.ln_f(x[:, -1])
 
     def select(self, hidden: torch.Tensor) -> Selection:
-        """Greedy picks from the last hidden state [2, d]: what the reference's top-1 sampling always returns.
+        """Greedy picks from one request's last hidden state [2, d]: what the reference's top-1 sampling always
+        returns (docs/mini-omni.md §10)."""
+        return self.select_slots(hidden, [0])[0]
 
-        See docs/mini-omni.md §10.
-        """
+    def select_slots(self, hidden: torch.Tensor, slots: Iterable[int]) -> dict[int, Selection]:
+        """Greedy picks of `slots` from hidden [2 * N, d] of N slots; the head runs over all N (a fixed shape)."""
         if self.head_audio is None or self.head_text is None:
             raise RuntimeError("the output head is not split: GPT.prepare has not run")
-        audio = self.head_audio.argmax(hidden[:1])
-        (text,) = self.head_text.argmax(hidden[1:])
-        return Selection(tuple(audio), text)
+        wanted = list(slots)
+        audio = self.head_audio.argmax(hidden[0::ITEMS], wanted)
+        text = self.head_text.argmax(hidden[1::ITEMS], wanted)
+        return {slot: Selection(tuple(audio[slot]), text[slot][0]) for slot in wanted}
 
 
-def load_gpt(path: Path, config: GPTConfig, device: str | torch.device, dtype: torch.dtype) -> GPT:
+def load_gpt(path: Path, config: GPTConfig, device: str | torch.device, dtype: torch.dtype, slots: int = 1) -> GPT:
     """Load `lit_model.pth` tensor by tensor onto `device`/`dtype`, never holding two full copies.
 
     The file is memory-mapped; `lm_head.weight` is never read (the tied `transformer.wte.weight` wins, as in
@@ -266,18 +334,22 @@ def load_gpt(path: Path, config: GPTConfig, device: str | torch.device, dtype: t
         checkpoint.release(source)
     model.load_state_dict(converted, strict=True, assign=True)
     del converted  # the model holds the only references now, so re-laid-out weights replace, not double
-    model.prepare(torch.device(device), dtype)
+    model.prepare(torch.device(device), dtype, slots)
     return model.eval()
 
 
 class MiniOmniModel:
-    """GPT + whisper encoder + adapter on one device and dtype; the whole model the decoder needs."""
+    """GPT + whisper encoder + adapter on one device and dtype; the whole model the decoder needs.
+
+    `cache_lock` is held by whoever runs generations on the KV cache (a `batch.Batcher`'s loop), so two
+    batchers on one model take turns instead of overwriting each other's slots."""
 
     def __init__(self, gpt: GPT, encoder: WhisperEncoder, device: torch.device, dtype: torch.dtype) -> None:
         self.gpt = gpt
         self.encoder = encoder
         self.device = device
         self.dtype = dtype
+        self.cache_lock = threading.Lock()
 
     @property
     def config(self) -> GPTConfig:
@@ -291,9 +363,11 @@ class MiniOmniModel:
         whisper_checkpoint: Path,
         device: str,
         dtype: torch.dtype,
+        slots: int = 1,
     ) -> MiniOmniModel:
+        """`slots`: requests decoded at once (the KV cache holds two rows for each)."""
         config = GPTConfig.from_yaml(config_yaml)
-        gpt = load_gpt(gpt_checkpoint, config, device, dtype)
+        gpt = load_gpt(gpt_checkpoint, config, device, dtype, slots)
         encoder = WhisperEncoder.load(whisper_checkpoint, device, dtype).eval()
         if encoder.dims.n_audio_state != config.whisper_adapter_dim:
             raise ValueError(

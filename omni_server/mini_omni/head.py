@@ -9,6 +9,8 @@ as the full fp32 head's; only the bytes read change. bf16 mode takes the bf16 lo
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 
@@ -42,14 +44,18 @@ class HeadSlice:
             if weight.dtype == torch.float32:
                 self.row_norms = weight.norm(dim=1) * _product_slack(weight.shape[1])
 
-    def argmax(self, hidden: torch.Tensor) -> list[int]:
-        """Per group, the index (within the group) of the largest logit for `hidden` [1, d]; `topk(1)` order."""
+    def argmax(self, hidden: torch.Tensor, rows: Iterable[int]) -> dict[int, list[int]]:
+        """For each of `rows` of `hidden` [N, d]: per group, the index (within the group) of the largest logit,
+        in `topk(1)` order. The logits are computed for all N rows (one fixed-shape GEMM), picks only for `rows`."""
+        wanted = list(rows)
         if self.packed is None:
-            return self._topk(F.linear(hidden, self.exact))
+            logits = F.linear(hidden, self.exact)
+            return {row: self._topk(logits[row]) for row in wanted}
         approx = linear(hidden.to(torch.bfloat16), self.packed)
         if self.row_norms is None:
-            return self._topk(approx)
-        return self._screened(hidden, approx.float().view(self.groups, self.width), self.row_norms)
+            return {row: self._topk(approx[row]) for row in wanted}
+        grouped = approx.float().view(len(hidden), self.groups, self.width)
+        return {row: self._screened(hidden[row : row + 1], grouped[row], self.row_norms) for row in wanted}
 
     def _topk(self, logits: torch.Tensor) -> list[int]:
         return torch.topk(logits.view(self.groups, self.width), 1).indices.view(-1).tolist()

@@ -1,0 +1,126 @@
+"""Continuous batching: every generation on one model runs in one loop, one forward for all of their steps.
+
+The model's KV cache has `slots` slots. A generation waits for a free slot in arrival order, is admitted
+(its whisper encoding and prefill run in parts, one part between two batch steps, so the replies already
+playing slow down instead of stopping), then decodes one step per batch step until it stops or is cancelled;
+its slot is free for the next at once. The batch step always has the same shape, all slots' rows, so what a
+request hears does not depend on who else is served (docs/mini-omni.md §15).
+
+The loop runs on a thread of its own while there is work, holding the model's cache lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from omni_server.mini_omni.config import AUDIO_LAYERS, PAD_A, PAD_T, STREAMS, audio_offset
+from omni_server.mini_omni.generate import Generation, Phase
+from omni_server.mini_omni.gpt import ITEMS, MiniOmniModel
+
+log = logging.getLogger(__name__)
+
+
+def idle_ids() -> torch.Tensor:
+    """[2, 8, 1] ids for an idle slot's rows: any valid ids do (their outputs are never read); pads."""
+    ids = torch.full((ITEMS, STREAMS, 1), PAD_T, dtype=torch.long)
+    for layer in range(AUDIO_LAYERS):
+        ids[:, layer] = PAD_A + audio_offset(layer)
+    return ids
+
+
+class Batcher:
+    """Runs the generations submitted on one model, up to `model.gpt.slots` at once."""
+
+    def __init__(self, model: MiniOmniModel) -> None:
+        self.model = model
+        self.slots = model.gpt.slots
+        self._lock = threading.Lock()
+        self._waiting: deque[Generation] = deque()
+        self._running = False
+        self._idle_ids = idle_ids().repeat(self.slots, 1, 1)
+
+    def submit(self, generation: Generation) -> Generation:
+        """Queue `generation` for a slot and return it, to be iterated for its steps."""
+        with self._lock:
+            self._waiting.append(generation)
+            if not self._running:
+                self._running = True
+                threading.Thread(target=self._run, name="mini-omni-batch", daemon=True).start()
+        return generation
+
+    def _run(self) -> None:
+        with torch.inference_mode(), self.model.cache_lock:
+            occupants: list[Generation | None] = [None] * self.slots
+            admissions: dict[int, Iterator[None]] = {}  # slot -> the parts left of its admission, oldest first
+            while True:
+                with self._lock:
+                    for slot in range(self.slots):
+                        if occupants[slot] is None and self._waiting:
+                            generation = self._waiting.popleft()
+                            occupants[slot] = generation
+                            admissions[slot] = generation.admit(slot)
+                    if not any(occupants):
+                        self._running = False
+                        return
+                for slot, occupant in enumerate(occupants):
+                    if occupant is not None and occupant.cancelled and occupant.phase is not Phase.DONE:
+                        admissions.pop(slot, None)
+                        occupant.finish(None)
+                decoding = {s: g for s, g in enumerate(occupants) if g is not None and g.phase is Phase.DECODING}
+                if decoding:
+                    self._step(decoding)
+                if admissions:
+                    self._admit_part(admissions, occupants)
+                for slot, occupant in enumerate(occupants):
+                    if occupant is not None and occupant.phase is Phase.DONE:
+                        occupants[slot] = None
+
+    def _step(self, decoding: dict[int, Generation]) -> None:
+        """One forward of every slot (a fixed shape); each decoding generation takes its picks."""
+        ids = self._idle_ids.clone()
+        positions = {}
+        for slot, generation in decoding.items():
+            ids[ITEMS * slot : ITEMS * slot + ITEMS], positions[slot] = generation.decode_input()
+        gpt = self.model.gpt
+        try:
+            picks = gpt.select_slots(gpt.decode(ids.to(self.model.device), positions), decoding)
+        except Exception as error:  # the forward is shared: every generation in it fails
+            log.exception("a batch step failed")
+            for generation in decoding.values():
+                generation.fail(error)
+            return
+        for slot, generation in decoding.items():
+            generation.advance(picks[slot])
+
+    def _admit_part(self, admissions: dict[int, Iterator[None]], occupants: list[Generation | None]) -> None:
+        """Run the next part of the oldest admission."""
+        slot = next(iter(admissions))
+        generation = occupants[slot]
+        assert generation is not None
+        try:
+            next(admissions[slot])
+        except StopIteration:
+            del admissions[slot]
+        except Exception as error:
+            log.exception("admitting a request failed")
+            del admissions[slot]
+            generation.fail(error)
+
+
+def generate_steps(
+    model: MiniOmniModel,
+    audio_16k: np.ndarray,
+    max_tokens: int,
+    features: torch.Tensor | None = None,
+    batcher: Batcher | None = None,
+) -> Generation:
+    """Start a generation (raises ValueError if `max_tokens` leaves no room) on `batcher`, or on a batcher of its
+    own; iterate it for the steps."""
+    generation = Generation(model, audio_16k, max_tokens, features)
+    return (batcher or Batcher(model)).submit(generation)
