@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
 
 import numpy as np
@@ -44,6 +44,7 @@ class Batcher:
         self._waiting: deque[Generation] = deque()
         self._running = False
         self._idle_ids = idle_ids().repeat(self.slots, 1, 1)
+        self.batch_sizes: Counter[int] = Counter()  # batch steps run, by how many requests each decoded
 
     def submit(self, generation: Generation) -> Generation:
         """Queue `generation` for a slot and return it, to be iterated for its steps."""
@@ -87,6 +88,7 @@ class Batcher:
         positions = {}
         for slot, generation in decoding.items():
             ids[ITEMS * slot : ITEMS * slot + ITEMS], positions[slot] = generation.decode_input()
+        self.batch_sizes[len(decoding)] += 1
         gpt = self.model.gpt
         try:
             picks = gpt.select_slots(gpt.decode(ids.to(self.model.device), positions), decoding)

@@ -17,6 +17,7 @@ import enum
 import hashlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,6 +226,13 @@ class MiniOmniEngine:
         if self._codec is None:
             raise RuntimeError("the mini-omni engine is not loaded")
         return self._codec
+
+    @property
+    def batch_sizes(self) -> Counter[int]:
+        """Batch steps run so far, by how many replies each decoded (for tests and benches; clear to restart)."""
+        if self._batcher is None:
+            raise RuntimeError("the mini-omni engine is not loaded")
+        return self._batcher.batch_sizes
 
     def load(self, progress: ProgressCallback) -> None:
         files = locate(self.checkpoint_dir, progress)
