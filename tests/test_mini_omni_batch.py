@@ -91,12 +91,12 @@ def test_a_reply_is_the_same_alone_and_batched_with_others(tiny_dir: Path, mode:
     engine = loaded(tiny_dir, mode, max_batch=3)
     requests = [ChatRequest(audio=audio, stream_stride=4, stream_text=True) for audio in QUESTIONS]
     alone = [reply(engine, request) for request in requests]
-    assert max(engine.batch_sizes) == 1, "served one at a time"
-    engine.batch_sizes.clear()
+    assert max(engine.steps.counts) == 1, "served one at a time"
+    engine.steps.clear()
 
     together = replies_at_once(engine, requests)
 
-    assert max(engine.batch_sizes) == 3, f"the three shared steps: {dict(engine.batch_sizes)}"
+    assert max(engine.steps.counts) == 3, f"the three shared steps: {dict(engine.steps.counts)}"
     assert len({audio for audio, _ in alone}) == 3, "three different replies"
     for (solo_audio, solo_text), (audio, text) in zip(alone, together):
         assert text == solo_text
@@ -149,7 +149,7 @@ def test_a_stopped_reply_frees_its_slot_at_once(endless_dir: Path, chirp: np.nda
     """One slot, a reply that would run 2048 positions: the client stops it after its first audio, and the
     next request is served at once, not after the abandoned reply's remaining ~1900 steps."""
     engine = loaded(endless_dir, max_batch=1)
-    engine.batch_sizes.clear()
+    engine.steps.clear()
     abandoned = engine.generate(ChatRequest(audio=chirp, stream_stride=1))
     assert isinstance(next(abandoned), AudioPiece)
     stats = engine.last_reply
@@ -158,7 +158,7 @@ def test_a_stopped_reply_frees_its_slot_at_once(endless_dir: Path, chirp: np.nda
 
     next_audio, _ = reply(engine, ChatRequest(audio=chirp, max_tokens=prompt_length(chirp) + 12, stream_stride=1))
     assert next_audio
-    steps = sum(engine.batch_sizes.values())
+    steps = sum(engine.steps.counts.values())
     assert steps < 100, f"{steps} batch steps: the abandoned reply went on generating after its client went"
 
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import Counter, deque
+import time
+from collections import Counter, defaultdict, deque
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -34,6 +36,25 @@ def idle_ids() -> torch.Tensor:
     return ids
 
 
+@dataclass
+class StepLog:
+    """The batch steps run, by how many requests each decoded: counts and seconds (read by tests and benches)."""
+
+    counts: Counter[int] = field(default_factory=Counter)
+    seconds: defaultdict[int, float] = field(default_factory=lambda: defaultdict(float))
+
+    def record(self, size: int, seconds: float) -> None:
+        self.counts[size] += 1
+        self.seconds[size] += seconds
+
+    def mean_ms(self, size: int) -> float | None:
+        return 1000 * self.seconds[size] / self.counts[size] if self.counts[size] else None
+
+    def clear(self) -> None:
+        self.counts.clear()
+        self.seconds.clear()
+
+
 class Batcher:
     """Runs the generations submitted on one model, up to `model.gpt.slots` at once."""
 
@@ -44,7 +65,7 @@ class Batcher:
         self._waiting: deque[Generation] = deque()
         self._running = False
         self._idle_ids = idle_ids().repeat(self.slots, 1, 1)
-        self.batch_sizes: Counter[int] = Counter()  # batch steps run, by how many requests each decoded
+        self.steps = StepLog()
 
     def submit(self, generation: Generation) -> Generation:
         """Queue `generation` for a slot and return it, to be iterated for its steps."""
@@ -88,8 +109,8 @@ class Batcher:
         positions = {}
         for slot, generation in decoding.items():
             ids[ITEMS * slot : ITEMS * slot + ITEMS], positions[slot] = generation.decode_input()
-        self.batch_sizes[len(decoding)] += 1
         gpt = self.model.gpt
+        began = time.perf_counter()
         try:
             picks = gpt.select_slots(gpt.decode(ids.to(self.model.device), positions), decoding)
         except Exception as error:  # the forward is shared: every generation in it fails
@@ -97,6 +118,7 @@ class Batcher:
             for generation in decoding.values():
                 generation.fail(error)
             return
+        self.steps.record(len(decoding), time.perf_counter() - began)
         for slot, generation in decoding.items():
             generation.advance(picks[slot])
 

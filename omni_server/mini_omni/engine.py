@@ -17,7 +17,6 @@ import enum
 import hashlib
 import logging
 import time
-from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,7 @@ from omni_server.engine import (
     RequestRejected,
     TextPiece,
 )
-from omni_server.mini_omni.batch import Batcher, generate_steps
+from omni_server.mini_omni.batch import Batcher, StepLog, generate_steps
 from omni_server.mini_omni.checkpoint import locate
 from omni_server.mini_omni.codec import (
     AudioStreamer,
@@ -228,11 +227,11 @@ class MiniOmniEngine:
         return self._codec
 
     @property
-    def batch_sizes(self) -> Counter[int]:
-        """Batch steps run so far, by how many replies each decoded (for tests and benches; clear to restart)."""
+    def steps(self) -> StepLog:
+        """The batch steps run so far, by how many replies each decoded (for tests and benches)."""
         if self._batcher is None:
             raise RuntimeError("the mini-omni engine is not loaded")
-        return self._batcher.batch_sizes
+        return self._batcher.steps
 
     def load(self, progress: ProgressCallback) -> None:
         files = locate(self.checkpoint_dir, progress)
