@@ -20,6 +20,7 @@ from omni_server.mini_omni.batch import Batcher, generate_steps, idle_ids
 from omni_server.mini_omni.codec import ZeroNoise
 from omni_server.mini_omni.engine import MiniOmniEngine, default_max_batch
 from omni_server.mini_omni.generate import (
+    Generation,
     Phase,
     Step,
     StopReason,
@@ -190,3 +191,27 @@ def test_requests_past_the_slots_wait_in_arrival_order(tiny_dir: Path, chirp: np
 def test_the_default_batch_follows_the_device() -> None:
     assert default_max_batch(torch.device("cpu")) == 4
     assert default_max_batch(torch.device("cuda")) == 8
+
+
+def test_a_fault_in_the_batch_loop_reaches_every_request(
+    tiny_dir: Path, chirp: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No consumer may wait forever for a step the loop will never take: the running and the waiting requests
+    both get the error."""
+    engine = loaded(tiny_dir, max_batch=1)
+    monkeypatch.setattr(Generation, "advance", lambda self, picked: 1 / 0)
+    batcher = Batcher(engine.model)
+    running, waiting = (generate_steps(engine.model, chirp, prompt_length(chirp) + 9, batcher=batcher) for _ in "ab")
+    outcomes: list[str] = []
+
+    def consume() -> None:
+        for generation in (running, waiting):
+            try:
+                list(generation)
+            except ZeroDivisionError:
+                outcomes.append("error")
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    consumer.join(30)
+    assert outcomes == ["error", "error"]

@@ -4,7 +4,7 @@ The model's KV cache has `slots` slots. A generation waits for a free slot in ar
 (its whisper encoding and prefill run in parts, one part between two batch steps, so the replies already
 playing slow down instead of stopping), then decodes one step per batch step until it stops or is cancelled;
 its slot is free for the next at once. The batch step always has the same shape, all slots' rows, so what a
-request hears does not depend on who else is served (docs/mini-omni.md §15).
+request hears does not depend on who else is served (docs/mini-omni.md §17).
 
 The loop runs on a thread of its own while there is work, holding the model's cache lock.
 """
@@ -77,31 +77,45 @@ class Batcher:
         return generation
 
     def _run(self) -> None:
-        with torch.inference_mode(), self.model.cache_lock:
-            occupants: list[Generation | None] = [None] * self.slots
-            admissions: dict[int, Iterator[None]] = {}  # slot -> the parts left of its admission, oldest first
-            while True:
-                with self._lock:
-                    for slot in range(self.slots):
-                        if occupants[slot] is None and self._waiting:
-                            generation = self._waiting.popleft()
-                            occupants[slot] = generation
-                            admissions[slot] = generation.admit(slot)
-                    if not any(occupants):
-                        self._running = False
-                        return
-                for slot, occupant in enumerate(occupants):
-                    if occupant is not None and occupant.cancelled and occupant.phase is not Phase.DONE:
-                        admissions.pop(slot, None)
-                        occupant.finish(None)
-                decoding = {s: g for s, g in enumerate(occupants) if g is not None and g.phase is Phase.DECODING}
-                if decoding:
-                    self._step(decoding)
-                if admissions:
-                    self._admit_part(admissions, occupants)
-                for slot, occupant in enumerate(occupants):
-                    if occupant is not None and occupant.phase is Phase.DONE:
-                        occupants[slot] = None
+        occupants: list[Generation | None] = [None] * self.slots
+        try:
+            with torch.inference_mode(), self.model.cache_lock:
+                self._serve(occupants)
+        except BaseException as error:  # a fault of the loop itself: no consumer may wait forever for a step
+            log.exception("the batch loop failed")
+            with self._lock:
+                stranded = [g for g in occupants if g is not None] + list(self._waiting)
+                self._waiting.clear()
+                self._running = False
+            for generation in stranded:
+                if generation.phase is not Phase.DONE:
+                    generation.fail(error)
+
+    def _serve(self, occupants: list[Generation | None]) -> None:
+        """Admit, step and retire until no generation is left; `occupants[slot]` is the slot's generation."""
+        admissions: dict[int, Iterator[None]] = {}  # slot -> the parts left of its admission, oldest first
+        while True:
+            with self._lock:
+                for slot in range(self.slots):
+                    if occupants[slot] is None and self._waiting:
+                        generation = self._waiting.popleft()
+                        occupants[slot] = generation
+                        admissions[slot] = generation.admit(slot)
+                if not any(occupants):
+                    self._running = False
+                    return
+            for slot, occupant in enumerate(occupants):
+                if occupant is not None and occupant.cancelled and occupant.phase is not Phase.DONE:
+                    admissions.pop(slot, None)
+                    occupant.finish(None)
+            decoding = {s: g for s, g in enumerate(occupants) if g is not None and g.phase is Phase.DECODING}
+            if decoding:
+                self._step(decoding)
+            if admissions:
+                self._admit_part(admissions, occupants)
+            for slot, occupant in enumerate(occupants):
+                if occupant is not None and occupant.phase is Phase.DONE:
+                    occupants[slot] = None
 
     def _step(self, decoding: dict[int, Generation]) -> None:
         """One forward of every slot (a fixed shape); each decoding generation takes its picks."""

@@ -2,7 +2,7 @@
 
 A request takes two rows: item 0 answers with audio, item 1 with text only; each step takes 7 audio ids from
 item 0 and one text id from item 1. A `Generation` yields every step that the reference appends to its 8
-output lists; `batch.Batcher` runs its forwards beside other requests' (docs/mini-omni.md §15). The SNAC
+output lists; `batch.Batcher` runs its forwards beside other requests' (docs/mini-omni.md §17). The SNAC
 regrouping and PCM are the engine's business.
 """
 

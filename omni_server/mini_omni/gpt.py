@@ -6,7 +6,7 @@ Plain PyTorch in the gpt-fast manner: one readable forward, a KV cache that stor
 heads and is allocated once per model (two rows per slot, block_size positions), and a head that computes
 only the logits the decoder reads (item 0's audio slices, item 1's text slice).
 
-Slots serve several requests at once (docs/mini-omni.md §15): a request's prompt is prefilled into its own
+Slots serve several requests at once (docs/mini-omni.md §17): a request's prompt is prefilled into its own
 slot's rows, and `decode` runs one position of every slot in one forward whose shape never changes (all
 slots' rows, busy or not), so a request's numbers do not depend on who else is being served.
 """
