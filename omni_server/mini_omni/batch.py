@@ -1,10 +1,10 @@
 """Continuous batching: every generation on one model runs in one loop, one forward for all of their steps.
 
 The model's KV cache has `slots` slots. A generation waits for a free slot in arrival order, is admitted
-(its whisper encoding and prefill run in parts, one part between two batch steps, so the replies already
-playing slow down instead of stopping), then decodes one step per batch step until it stops or is cancelled;
-its slot is free for the next at once. The batch step always has the same shape, all slots' rows, so what a
-request hears does not depend on who else is served (docs/mini-omni.md §17).
+(its whisper encoding and prefill run block by block, one block between two batch steps, so the replies
+already playing slow down instead of stopping), then decodes one step per batch step until it stops or is
+cancelled; its slot is free for the next at once. The batch step always has the same shape, all slots'
+rows, so what a request hears does not depend on who else is served (docs/mini-omni.md §17).
 
 The loop runs on a thread of its own while there is work, holding the model's cache lock.
 """

@@ -183,8 +183,9 @@ class Generation:
     # ------------------------------------------------------------------ the batcher's side
 
     def admit(self, slot: int) -> Iterator[None]:
-        """Encode the question and prefill it into `slot`, pausing between parts; then the first step is out
-        and the generation decodes. No stop and no text-end check at the prefill (docs/mini-omni.md §11)."""
+        """Encode the question and prefill it into `slot`, pausing between parts (whisper's blocks, then the
+        GPT's); then the first step is out and the generation decodes. No stop and no text-end check at the
+        prefill (docs/mini-omni.md §11)."""
         self.phase = Phase.ADMITTING
         began = time.perf_counter()
         if self.features is not None:
@@ -197,7 +198,8 @@ class Generation:
         began = time.perf_counter()
         gpt = self.model.gpt
         prompt = prompt_ids(embeddings.shape[1]).to(self.model.device)
-        picked = self._keep(gpt.select_slots(gpt.prefill(prompt, embeddings, slot), [0])[0])
+        hidden = yield from gpt.prefill_in_parts(prompt, embeddings, slot)
+        picked = self._keep(gpt.select(hidden))
         self.prefill_seconds = time.perf_counter() - began
         self.phase = Phase.DECODING
         self._emit(Step(0, picked.audio, picked.text))

@@ -14,7 +14,7 @@ slots' rows, busy or not), so a request's numbers do not depend on who else is b
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -27,7 +27,7 @@ from omni_server.mini_omni.config import AUDIO_LAYERS, STREAMS, GPTConfig
 from omni_server.mini_omni.head import HeadSlice
 from omni_server.mini_omni.layers import Linear
 from omni_server.mini_omni.mapped import load_mapped
-from omni_server.mini_omni.whisper import WhisperEncoder
+from omni_server.mini_omni.whisper import WhisperEncoder, run_to_end
 
 ITEMS = 2  # a request's rows: item 0 answers with audio, item 1 with text only (docs/mini-omni.md §7)
 
@@ -257,14 +257,27 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """Run positions start..start+T-1 of `slot`'s rows through the blocks (filling its cache); final-norm
         hidden at the last."""
+        return run_to_end(self.forward_in_parts(ids, start, audio_embeddings, slot))
+
+    def forward_in_parts(
+        self, ids: torch.Tensor, start: int, audio_embeddings: torch.Tensor | None = None, slot: int = 0
+    ) -> Generator[None, None, torch.Tensor]:
+        """`forward`, pausing after each block (a prefill is long: its blocks are the batch's admission parts)."""
         x = self.embed(ids, audio_embeddings)
         cos, sin = self.rope(slice(start, start + x.shape[1]))
         for block in self.transformer.blocks():
             x = block(x, start, cos, sin, row=ITEMS * slot)
+            yield
         return self.transformer.ln_f(x[:, -1])
 
     def prefill(self, ids: torch.Tensor, audio_embeddings: torch.Tensor, slot: int = 0) -> torch.Tensor:
-        """Both items' prompts [2, 8, T] at positions 0..T-1 of `slot`; final-norm hidden at the last position.
+        """Both items' prompts [2, 8, T] at positions 0..T-1 of `slot`; final-norm hidden at the last position."""
+        return run_to_end(self.prefill_in_parts(ids, audio_embeddings, slot))
+
+    def prefill_in_parts(
+        self, ids: torch.Tensor, audio_embeddings: torch.Tensor, slot: int = 0
+    ) -> Generator[None, None, torch.Tensor]:
+        """`prefill`, pausing after each block of the shared prefix.
 
         The two prompts differ only at the last position (docs/mini-omni.md §7, §9), so the shared prefix runs
         once, at batch 1, and its keys and values are copied to item 1: half the prefill's work for the same result.
@@ -272,7 +285,7 @@ class GPT(nn.Module):
         if not (torch.equal(ids[0, :, :-1], ids[1, :, :-1]) and torch.equal(audio_embeddings[0], audio_embeddings[1])):
             raise ValueError("prefill wants the batch-2 prompt: items that differ only at the last position")
         shared = ids.shape[-1] - 1
-        self(ids[:1, :, :shared], 0, audio_embeddings[:1], slot)
+        yield from self.forward_in_parts(ids[:1, :, :shared], 0, audio_embeddings[:1], slot)
         audio_row = ITEMS * slot
         for block in self.transformer.blocks():
             k_cache, v_cache = block.attn.cache()
