@@ -215,3 +215,31 @@ def test_a_fault_in_the_batch_loop_reaches_every_request(
     consumer.start()
     consumer.join(30)
     assert outcomes == ["error", "error"]
+
+
+def test_the_fixed_shape_decode_cuda_uses_picks_as_the_per_slot_one(tiny_dir: Path) -> None:
+    """CUDA's decode (all rows' attention at once over the whole cache under a mask: fixed shapes for CUDA
+    graphs) against the CPU's (per busy slot over its used length), run here on the CPU: the same picks for
+    three requests batched, hidden states within float rounding, and batch invariant itself."""
+    engine = loaded(tiny_dir, max_batch=3)
+    gpt = engine.model.gpt
+    assert not gpt.static_decode, "the CPU decodes per slot"
+    requests = [ChatRequest(audio=audio, stream_stride=4, stream_text=True) for audio in QUESTIONS]
+    per_slot = replies_at_once(engine, requests)
+    gpt.static_decode = True
+    try:
+        fixed_shape = replies_at_once(engine, requests)
+        assert max(engine.steps.counts) == 3
+        ids = idle_ids().repeat(3, 1, 1)
+        with torch.inference_mode():
+            alone = gpt.decode(ids, {1: 50})
+            together = gpt.decode(ids, {0: 40, 1: 50, 2: 60})
+        assert torch.equal(alone[2:4], together[2:4])
+        gpt.static_decode = False
+        with torch.inference_mode():
+            torch.testing.assert_close(gpt.decode(ids, {1: 50})[2:4], alone[2:4], atol=1e-5, rtol=1e-5)
+    finally:
+        gpt.static_decode = False
+    for (audio, text), (expected_audio, expected_text) in zip(fixed_shape, per_slot):
+        assert text == expected_text
+        assert np.abs(pcm(audio).astype(np.int32) - pcm(expected_audio)).max() <= 1

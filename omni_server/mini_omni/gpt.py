@@ -79,6 +79,16 @@ class GatedMLP(nn.Module):
         return self.proj(F.silu(self.fc_1(x)) * self.fc_2(x))
 
 
+@dataclass(frozen=True)
+class RowPositions:
+    """The static decode's positions, as tensors of fixed shape (what CUDA graphs and torch.compile want):
+    `index` [R], each row's position (idle rows: the cache's scratch position `block_size`), and `visible`
+    [R, 1, 1, block_size + 1], the cache positions each row attends to."""
+
+    index: torch.Tensor
+    visible: torch.Tensor
+
+
 class Attention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -90,11 +100,13 @@ class Attention(nn.Module):
         self.v_cache: torch.Tensor | None = None
 
     def allocate_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> None:
-        """K/V of the G groups only, for every position; never zeroed (only written slots are ever read)."""
+        """K/V of the G groups only, for every position plus a scratch one (position block_size, where the
+        static decode writes idle rows). Zeroed once here, never again: a request reads only positions it
+        wrote, and the static decode's masked reads meet finite numbers (0 x NaN would be NaN)."""
         c = self.config
-        shape = (batch, c.n_query_groups, c.block_size, c.head_size)
-        self.k_cache = torch.empty(shape, device=device, dtype=dtype)
-        self.v_cache = torch.empty(shape, device=device, dtype=dtype)
+        shape = (batch, c.n_query_groups, c.block_size + 1, c.head_size)
+        self.k_cache = torch.zeros(shape, device=device, dtype=dtype)
+        self.v_cache = torch.zeros(shape, device=device, dtype=dtype)
 
     def cache(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The K and V caches, once `allocate_cache` has made them."""
@@ -146,20 +158,33 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=causal)
         return self._project(out, b, t)
 
-    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: dict[int, int]) -> torch.Tensor:
-        """x: [R, 1, d], every slot's two rows; `positions`: slot -> the position its rows are at, for the busy
-        slots. The projections run over all rows (a fixed shape, whoever is busy); each busy slot writes and
-        attends to its own cache rows exactly as alone; idle rows attend to nothing."""
+    def decode(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: dict[int, int] | RowPositions
+    ) -> torch.Tensor:
+        """x: [R, 1, d], every slot's two rows. The projections run over all rows (a fixed shape, whoever is
+        busy). With `positions` a dict (busy slot -> its position), each busy slot writes and attends to its own
+        cache rows exactly as alone, and idle rows attend to nothing; with `RowPositions`, all rows at once."""
         r = x.shape[0]
         q, k, v = self._qkv(x, cos, sin)
         k_cache, v_cache = self.cache()
+        if isinstance(positions, RowPositions):
+            rows = torch.arange(r, device=x.device)
+            k_cache[rows, :, positions.index] = k[:, :, 0]
+            v_cache[rows, :, positions.index] = v[:, :, 0]
+            out = F.scaled_dot_product_attention(
+                q.view(r, self.config.n_query_groups, self.config.q_per_kv, -1),
+                k_cache,
+                v_cache,
+                attn_mask=positions.visible,
+            )
+            return self._project(out, r, 1)
         out = torch.zeros_like(q)
         for slot, position in positions.items():
-            rows = slice(ITEMS * slot, ITEMS * slot + ITEMS)
-            k_cache[rows, :, position] = k[rows, :, 0]
-            v_cache[rows, :, position] = v[rows, :, 0]
-            keys, values = k_cache[rows, :, : position + 1], v_cache[rows, :, : position + 1]
-            out[rows] = self._attend_one(q[rows], keys, values).view(ITEMS, -1, 1, q.shape[-1])
+            rows_of_slot = slice(ITEMS * slot, ITEMS * slot + ITEMS)
+            k_cache[rows_of_slot, :, position] = k[rows_of_slot, :, 0]
+            v_cache[rows_of_slot, :, position] = v[rows_of_slot, :, 0]
+            keys, values = k_cache[rows_of_slot, :, : position + 1], v_cache[rows_of_slot, :, : position + 1]
+            out[rows_of_slot] = self._attend_one(q[rows_of_slot], keys, values).view(ITEMS, -1, 1, q.shape[-1])
         return self._project(out, r, 1)
 
 
@@ -177,7 +202,9 @@ class Block(nn.Module):
         x = x + self.attn(self.norm_1(x), start, cos, sin, row)
         return x + self.mlp(self.norm_2(x))
 
-    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: dict[int, int]) -> torch.Tensor:
+    def decode(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: dict[int, int] | RowPositions
+    ) -> torch.Tensor:
         x = x + self.attn.decode(self.norm_1(x), cos, sin, positions)
         return x + self.mlp(self.norm_2(x))
 
@@ -217,11 +244,13 @@ class GPT(nn.Module):
         self.head_audio: HeadSlice | None = None
         self.head_text: HeadSlice | None = None
         self.slots = 1
+        self.static_decode = False
 
     def prepare(self, device: torch.device, dtype: torch.dtype, slots: int = 1) -> None:
         """Once per model, after loading: RoPE table, the KV cache of `slots` requests, fast weight layouts and
-        the two head slices."""
+        the two head slices. CUDA decodes with fixed-shape tensors only (see `decode`)."""
         self.slots = slots
+        self.static_decode = device.type == "cuda"
         self.rope_cos, self.rope_sin = rope_table(self.config, device)
         for module in self.transformer.h.modules():  # the decode path; the adapter runs once per request
             if isinstance(module, Linear):
@@ -295,15 +324,25 @@ class GPT(nn.Module):
 
     def decode(self, ids: torch.Tensor, positions: dict[int, int]) -> torch.Tensor:
         """One step of every slot: ids [2 * slots, 8, 1] (idle slots' rows any valid ids); `positions`: busy
-        slot -> its position. Final-norm hidden [2 * slots, d]; idle slots' rows mean nothing."""
+        slot -> its position. Final-norm hidden [2 * slots, d]; idle slots' rows mean nothing.
+
+        With `static_decode` (CUDA) attention runs for all rows at once over the whole cache under a mask,
+        so every tensor in the step has a fixed shape; otherwise (CPU) per busy slot over its used length,
+        which reads far less of the cache."""
         x = self.embed(ids)
-        index = torch.zeros(ids.shape[0], dtype=torch.long)
+        scratch = self.config.block_size
+        index = torch.full((ids.shape[0],), scratch, dtype=torch.long)
         for slot, position in positions.items():
             index[ITEMS * slot : ITEMS * slot + ITEMS] = position
-        cos, sin = self.rope(index.to(x.device))
+        index = index.to(x.device)
+        cos, sin = self.rope(index.clamp(max=scratch - 1))
         cos, sin = cos[:, None, None], sin[:, None, None]  # [R, 1, 1, n]: one position per row
+        rows: dict[int, int] | RowPositions = positions
+        if self.static_decode:
+            visible = torch.arange(scratch + 1, device=x.device)[None] <= index[:, None]
+            rows = RowPositions(index, visible[:, None, None])
         for block in self.transformer.blocks():
-            x = block.decode(x, cos, sin, positions)
+            x = block.decode(x, cos, sin, rows)
         return self.transformer.ln_f(x[:, -1])
 
     def select(self, hidden: torch.Tensor) -> Selection:
