@@ -49,7 +49,9 @@ class HeadSlice:
         in `topk(1)` order. The logits are computed for all N rows (one fixed-shape GEMM), picks only for `rows`."""
         wanted = list(rows)
         if self.packed is None:
-            logits = F.linear(hidden, self.exact)
+            # W h^T rather than h W^T: for 4 rows MKL's GEMM then streams the 152000x896 fp32 text slice once
+            # (41 ms here, against 107 ms); for 1 row the two give the same bits (and 36-38 ms).
+            logits = (self.exact @ hidden.T).T
             return {row: self._topk(logits[row]) for row in wanted}
         approx = linear(hidden.to(torch.bfloat16), self.packed)
         if self.row_norms is None:
