@@ -18,6 +18,7 @@ With --server-url, the same against a running server, e.g. Serve's proxy in fron
 the in-process echo server: the ratio of first audio is what the proxy adds.
 
 Usage: python bench/concurrency.py [--levels 1 2 4] [--server-url URL] [--full-size fp32 bf16] [--steps 48]
+                                  [--checkpoint DIR]
 Prints one JSON object on the last line.
 """
 
@@ -144,13 +145,13 @@ def engine_at_once(engine: MiniOmniEngine, audio: np.ndarray, count: int, steps:
     }
 
 
-def measure_full_size(dtypes: list[str], levels: list[int], steps: int) -> dict:
+def measure_full_size(dtypes: list[str], levels: list[int], steps: int, checkpoint: Path | None) -> dict:
     from bench.engine import write_full_checkpoint  # full-size recipe weights, as bench/engine.py builds them
 
     audio = chirp_audio(2.0)
     result: dict = {"steps": steps, "torch_threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory(prefix="concurrency-full-") as scratch:
-        checkpoint = write_full_checkpoint(Path(scratch) / "full")
+        checkpoint = checkpoint or write_full_checkpoint(Path(scratch) / "full")
         for dtype in dtypes:
             engine = MiniOmniEngine(checkpoint, device="cpu", dtype=dtype)
             engine.load(lambda _: None)
@@ -171,9 +172,10 @@ def main() -> None:
     parser.add_argument("--server-url", help="also measure this running server (e.g. Serve's proxy)")
     parser.add_argument("--full-size", nargs="*", default=[], metavar="DTYPE", help="also full-size, per dtype")
     parser.add_argument("--steps", type=int, default=48, help="decode steps per full-size request")
+    parser.add_argument("--checkpoint", type=Path, help="a full-size checkpoint folder (default: write one)")
     args = parser.parse_args()
     if args.full_size:
-        full_size = measure_full_size(args.full_size, args.levels, args.steps)
+        full_size = measure_full_size(args.full_size, args.levels, args.steps, args.checkpoint)
     wav = utterance_wav(chirp_audio(2.0))
     result: dict = {"echo": measure_engine(EchoEngine(), wav, args.levels)}
     print(json.dumps(result), flush=True)
