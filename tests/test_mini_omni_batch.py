@@ -158,8 +158,9 @@ def test_row_independence_is_found_or_refused_per_layer() -> None:
 
 
 def test_a_newcomer_is_encoded_between_the_running_replys_steps(endless_dir: Path, chirp: np.ndarray) -> None:
-    """Its whisper encoding runs in parts, one per batch step: the running reply takes a step between each
-    two parts (tiny whisper: 4 blocks, so at least 5 steps) instead of waiting for the whole admission."""
+    """Its whisper encoding runs in parts between batch steps, for about as long as a step: on the tiny model a
+    step (a few ms) is shorter than a whisper block, so the running reply takes a step between each two
+    parts (tiny whisper: 4 blocks and the convolutions) instead of waiting for the whole admission."""
     engine = loaded(endless_dir, max_batch=2)
     batcher = Batcher(engine.model)
     running = generate_steps(engine.model, chirp, 2048, batcher=batcher)
@@ -169,7 +170,7 @@ def test_a_newcomer_is_encoded_between_the_running_replys_steps(endless_dir: Pat
         newcomer = generate_steps(engine.model, chirp, prompt_length(chirp) + 4, batcher=batcher)
         assert next(newcomer).index == 0  # prefilled
         blocks = len(engine.model.encoder.blocks)
-        assert len(running.selections) - steps_before >= blocks + 1
+        assert len(running.selections) - steps_before >= blocks
         assert running.phase is Phase.DECODING
         assert [step.index for step in newcomer] == [1, 2, 3]
         assert newcomer.stop_reason is StopReason.MAX_TOKENS

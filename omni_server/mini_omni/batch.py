@@ -1,10 +1,10 @@
 """Continuous batching: every generation on one model runs in one loop, one forward for all of their steps.
 
-The model's KV cache has `slots` slots. A generation waits for a free slot in arrival order, is admitted
-(its whisper encoding and prefill run block by block, one block between two batch steps, so the replies
-already playing slow down instead of stopping), then decodes one step per batch step until it stops or is
-cancelled; its slot is free for the next at once. The batch step always has the same shape, all slots'
-rows, so what a request hears does not depend on who else is served (docs/mini-omni.md §17).
+The model's KV cache has `slots` slots. A generation waits for a free slot in arrival order and is admitted:
+its whisper encoding and prefill run block by block between batch steps, taking about as long as the steps,
+so the replies already playing slow down instead of stopping. It then decodes one step per batch step until
+it stops or is cancelled, and its slot is free for the next at once. No row of a batch step depends on how
+many requests are busy, so what a request hears does not depend on who else is served (docs/mini-omni.md §17).
 
 The loop runs on a thread of its own while there is work, holding the model's cache lock.
 """
@@ -109,16 +109,18 @@ class Batcher:
                     admissions.pop(slot, None)
                     occupant.finish(None)
             decoding = {s: g for s, g in enumerate(occupants) if g is not None and g.phase is Phase.DECODING}
-            if decoding:
-                self._step(decoding)
-            if admissions:
+            step_seconds = self._step(decoding) if decoding else 0.0
+            admitting_until = time.perf_counter() + step_seconds
+            while admissions:  # about as long on admissions as on the step: at least one part
                 self._admit_part(admissions, occupants)
+                if time.perf_counter() >= admitting_until:
+                    break
             for slot, occupant in enumerate(occupants):
                 if occupant is not None and occupant.phase is Phase.DONE:
                     occupants[slot] = None
 
-    def _step(self, decoding: dict[int, Generation]) -> None:
-        """One forward of every slot (a fixed shape); each decoding generation takes its picks."""
+    def _step(self, decoding: dict[int, Generation]) -> float:
+        """One forward for the decoding generations (docs/mini-omni.md §17); each takes its picks. Its seconds."""
         ids = self._idle_ids.clone()
         positions = {}
         for slot, generation in decoding.items():
@@ -131,10 +133,12 @@ class Batcher:
             log.exception("a batch step failed")
             for generation in decoding.values():
                 generation.fail(error)
-            return
-        self.steps.record(len(decoding), time.perf_counter() - began)
+            return time.perf_counter() - began
+        seconds = time.perf_counter() - began
+        self.steps.record(len(decoding), seconds)
         for slot, generation in decoding.items():
             generation.advance(picks[slot])
+        return seconds
 
     def _admit_part(self, admissions: dict[int, Iterator[None]], occupants: list[Generation | None]) -> None:
         """Run the next part of the oldest admission."""
