@@ -31,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -64,19 +65,24 @@ def one_request(url: str, wav: bytes, began: float) -> dict:
     }
 
 
-def at_once(url: str, wav: bytes, count: int) -> dict:
+def in_threads(count: int, request: Callable[[float], dict]) -> tuple[list[dict], float]:
+    """`count` calls of `request(began)` on threads started together; their results and the wall seconds."""
     results: list[dict] = [{} for _ in range(count)]
     began = time.perf_counter()
 
     def run(index: int) -> None:
-        results[index] = one_request(url, wav, began)
+        results[index] = request(began)
 
     threads = [threading.Thread(target=run, args=(index,)) for index in range(count)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    wall = time.perf_counter() - began
+    return results, time.perf_counter() - began
+
+
+def at_once(url: str, wav: bytes, count: int) -> dict:
+    results, wall = in_threads(count, lambda began: one_request(url, wav, began))
     audio = sum(result["audio_s"] for result in results)
     return {
         "requests": count,
@@ -115,26 +121,19 @@ def measure_engine(engine: Engine, wav: bytes, levels: list[int]) -> dict:
 def engine_at_once(engine: MiniOmniEngine, audio: np.ndarray, count: int, steps: int) -> dict:
     """`count` requests of `steps` decode steps each, sent to the engine at the same moment."""
     request = ChatRequest(audio=audio, max_tokens=prompt_length(audio) + 1 + steps)
-    results: list[dict] = [{} for _ in range(count)]
-    began = time.perf_counter()
 
-    def run(index: int) -> None:
+    def one(began: float) -> dict:
         first, samples = None, 0
         for piece in engine.generate(request):
             if isinstance(piece, AudioPiece):
                 first = first if first is not None else time.perf_counter() - began
                 samples += len(piece.pcm) // 2
         done = time.perf_counter() - began
-        audio_s = samples / OUTPUT_SAMPLE_RATE
-        results[index] = {"first_audio_s": round(first or -1.0, 2), "audio_s": round(audio_s, 2), "done_s": done}
+        audio_s = round(samples / OUTPUT_SAMPLE_RATE, 2)
+        return {"first_audio_s": round(first or -1.0, 2), "audio_s": audio_s, "done_s": done}
 
     engine.steps.clear()
-    threads = [threading.Thread(target=run, args=(index,)) for index in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - began
+    results, wall = in_threads(count, one)
     return {
         "requests": count,
         "wall_s": round(wall, 2),
