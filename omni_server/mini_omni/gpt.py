@@ -7,8 +7,8 @@ heads and is allocated once per model (two rows per slot, block_size positions),
 only the logits the decoder reads (item 0's audio slices, item 1's text slice).
 
 Slots serve several requests at once (docs/mini-omni.md §17): a request's prompt is prefilled into its own
-slot's rows, and `decode` runs one position of every slot in one forward whose shape never changes (all
-slots' rows, busy or not), so a request's numbers do not depend on who else is being served.
+slot's rows, and `decode` runs one position of every busy slot in one forward, shaped so that no row's
+numbers depend on who else is being served.
 """
 
 from __future__ import annotations
