@@ -32,7 +32,8 @@ from omni_server.mini_omni.config import (
     audio_offset,
 )
 from omni_server.mini_omni.gpt import ITEMS, MiniOmniModel, Selection
-from omni_server.mini_omni.whisper import feature_length, log_mel, run_to_end
+from omni_server.mini_omni.parts import run_to_end
+from omni_server.mini_omni.whisper import feature_length, log_mel
 
 DEFAULT_BLOCK_SIZE = 2048
 

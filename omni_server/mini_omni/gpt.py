@@ -27,7 +27,8 @@ from omni_server.mini_omni.config import AUDIO_LAYERS, STREAMS, GPTConfig
 from omni_server.mini_omni.head import HeadSlice
 from omni_server.mini_omni.layers import Linear, rows_are_independent
 from omni_server.mini_omni.mapped import load_mapped
-from omni_server.mini_omni.whisper import WhisperEncoder, run_to_end
+from omni_server.mini_omni.parts import run_to_end
+from omni_server.mini_omni.whisper import WhisperEncoder
 
 ITEMS = 2  # a request's rows: item 0 answers with audio, item 1 with text only (docs/mini-omni.md §7)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from collections.abc import Generator
 from pathlib import Path
-from typing import TypeVar, cast
 
 import numpy as np
 import torch
@@ -20,6 +19,7 @@ from torch import nn
 from omni_server.mini_omni.config import WhisperDims
 from omni_server.mini_omni.layers import Linear
 from omni_server.mini_omni.mapped import load_mapped
+from omni_server.mini_omni.parts import run_to_end
 
 SAMPLE_RATE = 16_000
 N_FFT = 400
@@ -28,17 +28,6 @@ N_MELS = 80
 CHUNK_SAMPLES = 30 * SAMPLE_RATE  # 480000
 N_FRAMES = CHUNK_SAMPLES // HOP  # 3000
 MAX_FEATURES = 1500
-
-T = TypeVar("T")
-
-
-def run_to_end(parts: Generator[None, None, T]) -> T:
-    """Run work written in parts (a generator that pauses with bare `yield`s) without pausing; its result."""
-    while True:
-        try:
-            next(parts)
-        except StopIteration as done:
-            return cast(T, done.value)
 
 
 def feature_length(num_samples: int) -> int:
